@@ -1,0 +1,50 @@
+//! `/healthz`, `/readyz` and `/metrics` over plain HTTP/1.1.
+use std::{net::SocketAddr, sync::{Arc, atomic::Ordering}};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+};
+
+use crate::metrics::Metrics;
+
+/// Serves until the task is dropped. `refresh` runs before each /metrics.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    refresh: Arc<dyn Fn() + Send + Sync>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+    tracing::info!(%addr, "serving /healthz /readyz /metrics");
+    loop {
+        let (mut sock, _) = listener.accept().await?;
+        let metrics = metrics.clone();
+        let refresh = refresh.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let Ok(n) = sock.read(&mut buf).await else { return };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/healthz" | "/livez" => ("200 OK", "ok\n".to_owned()),
+                "/readyz" => {
+                    if metrics.ready.load(Ordering::Relaxed) {
+                        ("200 OK", "ready\n".to_owned())
+                    } else {
+                        ("503 Service Unavailable", "not synced yet\n".to_owned())
+                    }
+                }
+                "/metrics" => {
+                    refresh();
+                    ("200 OK", metrics.render())
+                }
+                _ => ("404 Not Found", "not found\n".to_owned()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}

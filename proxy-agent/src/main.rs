@@ -1,0 +1,234 @@
+//! proxy-agent: programs the kproxy eBPF datapath from Kubernetes objects.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use proxy_agent::{
+    agent::{Agent, AgentConfig},
+    datapath::{self, DatapathConfig},
+    http,
+    manifests::ManifestDir,
+    metrics::Metrics,
+};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "eBPF replacement for kube-proxy")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+
+    /// Standalone mode: program Services and EndpointSlices from the YAML/JSON
+    /// files in this directory, re-reading them when they change.
+    #[arg(long, env = "KPROXY_MANIFESTS")]
+    manifests: Option<PathBuf>,
+
+    /// kubeconfig for the Kubernetes mode (default: in-cluster config, then ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+
+    /// This node's name (NodePort addresses, Local traffic policies, topology).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+
+    /// Extra NodePort addresses (comma-separated), besides the Node's InternalIP/ExternalIP.
+    #[arg(long, env = "KPROXY_NODE_IPS", value_delimiter = ',')]
+    node_ips: Vec<IpAddr>,
+
+    /// Interfaces to attach to: names or `prefix*` patterns, comma-separated.
+    /// New matching interfaces are attached as they appear.
+    #[arg(long, env = "KPROXY_INTERFACES", value_delimiter = ',', default_value = "eth0")]
+    interfaces: Vec<String>,
+
+    #[command(flatten)]
+    dp: DpArgs,
+
+    /// Address for /metrics.
+    #[arg(long, env = "KPROXY_METRICS_ADDR", default_value = "0.0.0.0:10249")]
+    metrics_addr: SocketAddr,
+
+    /// Address for /healthz and /readyz.
+    #[arg(long, env = "KPROXY_HEALTH_ADDR", default_value = "0.0.0.0:10256")]
+    health_addr: SocketAddr,
+
+    /// How often to look for manifest changes and new interfaces.
+    #[arg(long, env = "KPROXY_POLL_INTERVAL_MS", default_value_t = 500)]
+    poll_interval_ms: u64,
+
+    /// Detach and remove every pin when the agent exits (default: leave the
+    /// datapath running, so a restart interrupts no connection).
+    #[arg(long, env = "KPROXY_CLEANUP_ON_EXIT")]
+    cleanup_on_exit: bool,
+
+    /// Log format: text or json.
+    #[arg(long, env = "KPROXY_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct DpArgs {
+    /// bpffs mount point (mounted when missing).
+    #[arg(global = true, long, env = "KPROXY_BPFFS", default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// Directory under bpffs for maps and links.
+    #[arg(global = true, long, env = "KPROXY_PIN_DIR", default_value = proxy_common::PIN_DIR_NAME)]
+    pin_dir: String,
+    /// Capacity of the services map (frontends plus backend slots).
+    #[arg(global = true, long, env = "KPROXY_MAX_SERVICES", default_value_t = proxy_common::DEFAULT_MAX_SERVICE_ENTRIES)]
+    max_services: u32,
+    /// Capacity of the backends map.
+    #[arg(global = true, long, env = "KPROXY_MAX_BACKENDS", default_value_t = proxy_common::DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    /// Capacity of the conntrack map (two entries per flow).
+    #[arg(global = true, long, env = "KPROXY_MAX_CONNTRACK", default_value_t = proxy_common::DEFAULT_MAX_CT)]
+    max_conntrack: u32,
+}
+
+impl DpArgs {
+    fn config(&self) -> DatapathConfig {
+        DatapathConfig {
+            bpffs: self.bpffs.clone(),
+            pin_dir_name: self.pin_dir.clone(),
+            max_services: self.max_services,
+            max_backends: self.max_backends,
+            max_conntrack: self.max_conntrack,
+            ..DatapathConfig::default()
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Detach the datapath from every interface and remove all pins.
+    Cleanup,
+    /// Print the datapath counters.
+    Stats,
+}
+
+fn init_tracing(format: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    match cli.cmd {
+        Some(Cmd::Cleanup) => {
+            let dir = cli.dp.config().pin_dir();
+            datapath::cleanup(&dir)?;
+            println!("removed {}", dir.display());
+            return Ok(());
+        }
+        Some(Cmd::Stats) => {
+            for (stat, n) in datapath::read_stats(&cli.dp.config().pin_dir())? {
+                println!("{:<22} {n}", stat.name());
+            }
+            return Ok(());
+        }
+        None => {}
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let node_name = cli
+        .node_name
+        .clone()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_owned()))
+        .unwrap_or_default();
+    let cfg = AgentConfig {
+        datapath: cli.dp.config(),
+        interfaces: cli.interfaces.clone(),
+        node_name,
+        node_ips: cli.node_ips.clone(),
+    };
+    let metrics = Arc::new(Metrics::default());
+    let pin_dir = cfg.datapath.pin_dir();
+    let refresh: Arc<dyn Fn() + Send + Sync> = {
+        let metrics = metrics.clone();
+        let pin_dir = pin_dir.clone();
+        Arc::new(move || {
+            if let Ok(stats) = datapath::read_stats(&pin_dir) {
+                metrics.set_datapath(stats.into_iter().map(|(s, n)| (s.name(), n)).collect());
+            }
+        })
+    };
+    let mut servers = Vec::new();
+    servers.push(tokio::spawn(http::serve(cli.metrics_addr, metrics.clone(), refresh.clone())));
+    if cli.health_addr != cli.metrics_addr {
+        servers.push(tokio::spawn(http::serve(cli.health_addr, metrics.clone(), refresh)));
+    }
+
+    let mut agent = Agent::start(cfg, metrics.clone()).context("starting the datapath")?;
+    let result = match &cli.manifests {
+        Some(dir) => run_standalone(&mut agent, dir, &metrics, Duration::from_millis(cli.poll_interval_ms)).await,
+        None => proxy_agent::kube::run(&mut agent, cli.kubeconfig.as_deref(), &metrics, Duration::from_millis(cli.poll_interval_ms)).await,
+    };
+    for s in servers {
+        s.abort();
+    }
+    if cli.cleanup_on_exit {
+        datapath::cleanup(&pin_dir)?;
+        tracing::info!("datapath detached and pins removed");
+    } else {
+        tracing::info!(pin_dir = %pin_dir.display(), "exiting; the datapath stays attached (use `proxy-agent cleanup` to remove it)");
+    }
+    result
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run_standalone(agent: &mut Agent, dir: &std::path::Path, metrics: &Metrics, poll: Duration) -> anyhow::Result<()> {
+    let mut manifests = ManifestDir::new(dir);
+    let mut tick = tokio::time::interval(poll);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut first = true;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = agent.attach_interfaces() {
+            tracing::warn!(error = format!("{e:#}"), "listing interfaces");
+        }
+        let seen = Instant::now();
+        let (changed, errors) = match manifests.refresh() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "reading manifests");
+                continue;
+            }
+        };
+        for e in errors {
+            tracing::warn!(error = format!("{e:#}"), "manifest skipped, keeping its last good contents");
+        }
+        if changed || first {
+            let objs = manifests.objects();
+            agent.apply(&objs.services, &objs.slices, &objs.nodes, seen);
+            if first {
+                metrics.ready.store(true, Ordering::Relaxed);
+                tracing::info!("first sync programmed; ready");
+                first = false;
+            }
+        }
+    }
+}

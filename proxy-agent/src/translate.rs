@@ -1,0 +1,494 @@
+//! Kubernetes objects -> desired datapath state. Pure functions, no I/O.
+//!
+//! Follows what kube-proxy programs for a Service: one frontend per
+//! (address, port, protocol) for the ClusterIPs, NodePorts on the node's
+//! addresses, externalIPs and LoadBalancer ingress IPs; endpoints from every
+//! EndpointSlice of the Service, filtered by readiness (with the KEP-1669
+//! serving-terminating fallback), traffic policy and topology hints.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Node label holding the node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Default ClientIP affinity timeout (3 hours), as the API server defaults it.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    #[must_use]
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => proxy_common::IPPROTO_TCP,
+            Proto::Udp => proxy_common::IPPROTO_UDP,
+            Proto::Sctp => proxy_common::IPPROTO_SCTP,
+        }
+    }
+
+    fn parse(s: Option<&str>) -> Option<Proto> {
+        match s.unwrap_or("TCP") {
+            "TCP" => Some(Proto::Tcp),
+            "UDP" => Some(Proto::Udp),
+            "SCTP" => Some(Proto::Sctp),
+            _ => None,
+        }
+    }
+}
+
+/// Which kind of address a frontend listens on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+/// One (address, port, protocol) a Service answers on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendAddr {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+/// A backend address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+/// Desired state of one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub addr: FrontendAddr,
+    pub kind: FrontendKind,
+    /// `namespace/name:port-name`, for logs and metrics.
+    pub owner: String,
+    /// Sorted, deduplicated.
+    pub backends: Vec<BackendAddr>,
+    /// ClientIP affinity timeout, if enabled.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+/// What this node contributes to translation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub zone: Option<String>,
+    /// Addresses NodePorts are served on.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Why (part of) an object was not programmed.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SkipReason {
+    /// Headless or ExternalName: nothing for a proxy to do (not an error).
+    NotProxied,
+    InvalidIp(String),
+    InvalidPort(i32),
+    UnknownProtocol(String),
+    /// SCTP is translated but the datapath does not handle it yet.
+    SctpUnsupported,
+    /// IPv6 is translated but the datapath does not handle it yet.
+    Ipv6Unsupported,
+    UnknownServiceType(String),
+}
+
+impl SkipReason {
+    /// Metric label.
+    #[must_use]
+    pub fn label(&self) -> &'static str {
+        match self {
+            SkipReason::NotProxied => "not_proxied",
+            SkipReason::InvalidIp(_) => "invalid_ip",
+            SkipReason::InvalidPort(_) => "invalid_port",
+            SkipReason::UnknownProtocol(_) => "unknown_protocol",
+            SkipReason::SctpUnsupported => "sctp_unsupported",
+            SkipReason::Ipv6Unsupported => "ipv6_unsupported",
+            SkipReason::UnknownServiceType(_) => "unknown_service_type",
+        }
+    }
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SkipReason::NotProxied => write!(f, "headless or ExternalName, not proxied"),
+            SkipReason::InvalidIp(s) => write!(f, "invalid IP address {s:?}"),
+            SkipReason::InvalidPort(p) => write!(f, "invalid port {p}"),
+            SkipReason::UnknownProtocol(p) => write!(f, "unknown protocol {p:?}"),
+            SkipReason::SctpUnsupported => write!(f, "SCTP is not supported by the datapath yet"),
+            SkipReason::Ipv6Unsupported => write!(f, "IPv6 is not supported by the datapath yet"),
+            SkipReason::UnknownServiceType(t) => write!(f, "unknown Service type {t:?}"),
+        }
+    }
+}
+
+/// A part of a Service that was not programmed, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Skip {
+    pub owner: String,
+    pub reason: SkipReason,
+}
+
+/// Result of translating one Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Translation {
+    pub frontends: Vec<Frontend>,
+    pub skipped: Vec<Skip>,
+}
+
+fn svc_name(svc: &Service) -> String {
+    format!(
+        "{}/{}",
+        svc.metadata.namespace.as_deref().unwrap_or("default"),
+        svc.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+/// Whether `slice` belongs to `svc` (same namespace, service-name label).
+#[must_use]
+pub fn slice_belongs_to(slice: &EndpointSlice, namespace: &str, name: &str) -> bool {
+    slice.metadata.namespace.as_deref().unwrap_or("default") == namespace
+        && slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .is_some_and(|n| n == name)
+}
+
+/// An endpoint address with its conditions, after deduplication.
+#[derive(Clone, Debug)]
+struct Ep {
+    addr: BackendAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node: Option<String>,
+    zone_hints: Option<BTreeSet<String>>,
+}
+
+fn conditions(ep: &Endpoint, publish_not_ready: bool) -> (bool, bool, bool) {
+    let c = ep.conditions.as_ref();
+    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+    if publish_not_ready {
+        (true, true, terminating)
+    } else {
+        (ready, serving, terminating)
+    }
+}
+
+/// Endpoints of `sp` from every slice, deduplicated by address (the first
+/// slice, in name order, wins), IPv4 only.
+fn endpoints_for_port(
+    sp: &ServicePort,
+    slices: &[&EndpointSlice],
+    publish_not_ready: bool,
+    skipped: &mut BTreeSet<SkipReason>,
+) -> Vec<Ep> {
+    let want_name = sp.name.as_deref().unwrap_or("");
+    let want_proto = sp.protocol.as_deref().unwrap_or("TCP");
+    let mut by_addr: BTreeMap<BackendAddr, Ep> = BTreeMap::new();
+    let mut seen_ip: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut ordered: Vec<&&EndpointSlice> = slices.iter().collect();
+    ordered.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    for slice in ordered {
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            "IPv6" => {
+                if !slice.endpoints.is_empty() {
+                    skipped.insert(SkipReason::Ipv6Unsupported);
+                }
+                continue;
+            }
+            _ => continue, // FQDN: not proxied by kube-proxy either
+        }
+        let Some(port) = slice.ports.as_ref().and_then(|ports| {
+            ports.iter().find(|p| {
+                p.name.as_deref().unwrap_or("") == want_name
+                    && p.protocol.as_deref().unwrap_or("TCP") == want_proto
+            })
+        }) else {
+            continue;
+        };
+        let Some(port_num) = port.port else { continue };
+        let Ok(port_num) = u16::try_from(port_num) else {
+            skipped.insert(SkipReason::InvalidPort(port_num));
+            continue;
+        };
+        if port_num == 0 {
+            skipped.insert(SkipReason::InvalidPort(0));
+            continue;
+        }
+        for ep in &slice.endpoints {
+            // An endpoint lists one address per family; kube-proxy uses the first.
+            let Some(a) = ep.addresses.first() else { continue };
+            let ip: Ipv4Addr = match a.parse() {
+                Ok(ip) => ip,
+                Err(_) => {
+                    skipped.insert(SkipReason::InvalidIp(a.clone()));
+                    continue;
+                }
+            };
+            if !seen_ip.insert(IpAddr::V4(ip)) {
+                continue;
+            }
+            let (ready, serving, terminating) = conditions(ep, publish_not_ready);
+            let addr = BackendAddr { ip: IpAddr::V4(ip), port: port_num };
+            let zone_hints = ep
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect());
+            by_addr.insert(
+                addr,
+                Ep { addr, ready, serving, terminating, node: ep.node_name.clone(), zone_hints },
+            );
+        }
+    }
+    by_addr.into_values().collect()
+}
+
+/// KEP-1669: ready endpoints; if none, serving-and-terminating ones.
+fn usable(eps: &[Ep]) -> Vec<&Ep> {
+    let ready: Vec<&Ep> = eps.iter().filter(|e| e.ready).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    eps.iter().filter(|e| e.serving && e.terminating).collect()
+}
+
+/// Topology: when every usable endpoint carries zone hints and some are for
+/// this node's zone, keep those; otherwise all (kube-proxy's fallback).
+fn topology_filter<'a>(eps: Vec<&'a Ep>, node: &NodeInfo) -> Vec<&'a Ep> {
+    let Some(zone) = node.zone.as_deref() else { return eps };
+    if eps.is_empty() || eps.iter().any(|e| e.zone_hints.is_none()) {
+        return eps;
+    }
+    let hinted: Vec<&Ep> =
+        eps.iter().copied().filter(|e| e.zone_hints.as_ref().is_some_and(|z| z.contains(zone))).collect();
+    if hinted.is_empty() { eps } else { hinted }
+}
+
+fn node_local<'a>(eps: &[&'a Ep], node: &NodeInfo) -> Vec<&'a Ep> {
+    eps.iter().copied().filter(|e| e.node.as_deref() == Some(node.name.as_str())).collect()
+}
+
+fn addrs(eps: &[&Ep]) -> Vec<BackendAddr> {
+    let mut v: Vec<BackendAddr> = eps.iter().map(|e| e.addr).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn parse_ip(s: &str, skipped: &mut BTreeSet<SkipReason>) -> Option<IpAddr> {
+    match s.parse::<IpAddr>() {
+        Ok(ip @ IpAddr::V4(_)) => Some(ip),
+        Ok(IpAddr::V6(_)) => {
+            skipped.insert(SkipReason::Ipv6Unsupported);
+            None
+        }
+        Err(_) => {
+            skipped.insert(SkipReason::InvalidIp(s.to_owned()));
+            None
+        }
+    }
+}
+
+/// Translates one Service and its EndpointSlices (already filtered to this
+/// Service, see [`slice_belongs_to`]) into frontends.
+#[must_use]
+pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> Translation {
+    let name = svc_name(svc);
+    let mut out = Translation::default();
+    let Some(spec) = svc.spec.as_ref() else {
+        return out;
+    };
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if svc_type == "ExternalName" {
+        out.skipped.push(Skip { owner: name, reason: SkipReason::NotProxied });
+        return out;
+    }
+    if !matches!(svc_type, "ClusterIP" | "NodePort" | "LoadBalancer") {
+        out.skipped
+            .push(Skip { owner: name, reason: SkipReason::UnknownServiceType(svc_type.to_owned()) });
+        return out;
+    }
+    let mut cluster_ips: Vec<&str> = spec.cluster_ips.iter().flatten().map(String::as_str).collect();
+    if cluster_ips.is_empty()
+        && let Some(ip) = spec.cluster_ip.as_deref()
+    {
+        cluster_ips.push(ip);
+    }
+    if cluster_ips.iter().any(|ip| *ip == "None") || cluster_ips.is_empty() {
+        out.skipped.push(Skip { owner: name, reason: SkipReason::NotProxied });
+        return out;
+    }
+    let mut svc_skips: BTreeSet<SkipReason> = BTreeSet::new();
+    let cluster_ips: Vec<IpAddr> = cluster_ips.iter().filter_map(|s| parse_ip(s, &mut svc_skips)).collect();
+    let external_ips: Vec<IpAddr> =
+        spec.external_ips.iter().flatten().filter_map(|s| parse_ip(s, &mut svc_skips)).collect();
+    let lb_ips: Vec<IpAddr> = if svc_type == "LoadBalancer" {
+        svc.status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_deref())
+            .filter_map(|s| parse_ip(s, &mut svc_skips))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let affinity_timeout_s = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+    });
+
+    for sp in spec.ports.iter().flatten() {
+        let port_owner = match sp.name.as_deref() {
+            Some(n) if !n.is_empty() => format!("{name}:{n}"),
+            _ => format!("{name}:{}", sp.port),
+        };
+        let mut skips: BTreeSet<SkipReason> = BTreeSet::new();
+        let Some(proto) = Proto::parse(sp.protocol.as_deref()) else {
+            skips.insert(SkipReason::UnknownProtocol(sp.protocol.clone().unwrap_or_default()));
+            out.skipped.extend(skips.into_iter().map(|reason| Skip { owner: port_owner.clone(), reason }));
+            continue;
+        };
+        let Some(port) = u16::try_from(sp.port).ok().filter(|p| *p != 0) else {
+            out.skipped.push(Skip { owner: port_owner, reason: SkipReason::InvalidPort(sp.port) });
+            continue;
+        };
+        if proto == Proto::Sctp {
+            out.skipped.push(Skip { owner: port_owner, reason: SkipReason::SctpUnsupported });
+            continue;
+        }
+        let eps = endpoints_for_port(sp, slices, publish_not_ready, &mut skips);
+        let usable_eps = usable(&eps);
+        // Topology applies only when no Local policy narrows the set already.
+        let cluster_set = if internal_local {
+            node_local(&usable_eps, node)
+        } else {
+            topology_filter(usable_eps.clone(), node)
+        };
+        let external_set = if external_local {
+            node_local(&usable_eps, node)
+        } else {
+            topology_filter(usable_eps.clone(), node)
+        };
+        let cluster_backends = addrs(&cluster_set);
+        let external_backends = addrs(&external_set);
+        let mk = |ip: IpAddr, port: u16, kind: FrontendKind, backends: &Vec<BackendAddr>| Frontend {
+            addr: FrontendAddr { ip, port, proto },
+            kind,
+            owner: port_owner.clone(),
+            backends: backends.clone(),
+            affinity_timeout_s,
+        };
+        for ip in &cluster_ips {
+            out.frontends.push(mk(*ip, port, FrontendKind::ClusterIp, &cluster_backends));
+        }
+        for ip in &external_ips {
+            out.frontends.push(mk(*ip, port, FrontendKind::ExternalIp, &external_backends));
+        }
+        for ip in &lb_ips {
+            out.frontends.push(mk(*ip, port, FrontendKind::LoadBalancer, &external_backends));
+        }
+        if matches!(svc_type, "NodePort" | "LoadBalancer")
+            && let Some(np) = sp.node_port
+        {
+            match u16::try_from(np).ok().filter(|p| *p != 0) {
+                Some(np) => {
+                    for ip in &node.addresses {
+                        if ip.is_ipv4() {
+                            out.frontends.push(mk(*ip, np, FrontendKind::NodePort, &external_backends));
+                        }
+                    }
+                }
+                None => {
+                    skips.insert(SkipReason::InvalidPort(np));
+                }
+            }
+        }
+        out.skipped.extend(skips.into_iter().map(|reason| Skip { owner: port_owner.clone(), reason }));
+    }
+    out.skipped.extend(svc_skips.into_iter().map(|reason| Skip { owner: name.clone(), reason }));
+    out
+}
+
+/// Desired state of the whole node: every frontend, keyed by address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<FrontendAddr, Frontend>,
+    pub skipped: Vec<Skip>,
+}
+
+/// Translates every Service. Two Services claiming the same frontend address
+/// (an API-level conflict) are resolved deterministically: the first by
+/// namespace/name keeps it, the other is reported.
+#[must_use]
+pub fn translate_all(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> Desired {
+    let mut by_owner: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+            let ns = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            by_owner.entry((ns, svc.clone())).or_default().push(s);
+        }
+    }
+    let mut sorted: Vec<&Service> = services.iter().collect();
+    sorted.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
+    let mut desired = Desired::default();
+    for svc in sorted {
+        let key = (
+            svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            svc.metadata.name.clone().unwrap_or_default(),
+        );
+        let empty = Vec::new();
+        let svc_slices = by_owner.get(&key).unwrap_or(&empty);
+        let t = translate_service(svc, svc_slices, node);
+        for fe in t.frontends {
+            if let Some(existing) = desired.frontends.get(&fe.addr) {
+                desired.skipped.push(Skip {
+                    owner: fe.owner.clone(),
+                    reason: SkipReason::InvalidIp(format!(
+                        "{}:{} already used by {}",
+                        fe.addr.ip, fe.addr.port, existing.owner
+                    )),
+                });
+                continue;
+            }
+            desired.frontends.insert(fe.addr, fe);
+        }
+        desired.skipped.extend(t.skipped);
+    }
+    desired
+}

@@ -1,0 +1,105 @@
+//! Frontend lookup, backend selection and the forward (client -> service) path.
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    programs::TcContext,
+};
+use proxy_common::{
+    AffinityKey, AffinityValue, SCOPE_EXTERNAL, SVC_F_AFFINITY, ServiceKey, ServiceValue, Stat,
+    v4_mapped,
+};
+
+use crate::{
+    ct,
+    maps::{AFFINITY, BACKENDS, SERVICES, count},
+    nat::{Side, rewrite},
+    packet::Packet,
+    reject,
+};
+
+/// The frontend (slot 0) this packet is addressed to, if any.
+#[inline(always)]
+pub fn lookup_frontend(pkt: &Packet) -> Option<(ServiceKey, ServiceValue)> {
+    let key = ServiceKey {
+        addr: v4_mapped(pkt.daddr),
+        port: pkt.dport,
+        proto: pkt.proto,
+        scope: SCOPE_EXTERNAL,
+        slot: 0,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out before any other map operation.
+    let svc = unsafe { SERVICES.get(&key) }.copied()?;
+    Some((key, svc))
+}
+
+/// Handles a packet addressed to a frontend: existing flows keep their
+/// backend, new flows pick one, a frontend without backends is rejected.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, pkt: &Packet, svc: &(ServiceKey, ServiceValue)) -> Result<i32, ()> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some((addr, port)) = ct::forward_lookup(pkt, now) {
+        count(Stat::CtHit);
+        rewrite(ctx, pkt, Side::Dst, addr, port)?;
+        return Ok(TC_ACT_OK);
+    }
+
+    let (key, value) = svc;
+    if value.count == 0 {
+        count(Stat::RejectNoBackend);
+        return Ok(reject::port_unreachable(ctx, pkt));
+    }
+    let Some(backend_id) = select_backend(key, value, pkt, now) else {
+        count(Stat::DropBackendMissing);
+        return Ok(TC_ACT_SHOT);
+    };
+    // SAFETY: copied out at once.
+    let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }).copied() else {
+        count(Stat::DropBackendMissing);
+        return Ok(TC_ACT_SHOT);
+    };
+    let Some(baddr) = proxy_common::v4_of_mapped(&backend.addr) else {
+        count(Stat::DropBackendMissing);
+        return Ok(TC_ACT_SHOT);
+    };
+    if ct::create(pkt, backend_id, baddr, backend.port, now).is_err() {
+        // Fail closed: without a reply entry the answer could not be
+        // reverse-NATed and the client would see a stray source.
+        count(Stat::DropCtFull);
+        return Ok(TC_ACT_SHOT);
+    }
+    count(Stat::NewFlow);
+    rewrite(ctx, pkt, Side::Dst, baddr, backend.port)?;
+    Ok(TC_ACT_OK)
+}
+
+/// Picks a backend id for a new flow: the client's affine backend while the
+/// affinity is fresh and the backend still exists, otherwise a random slot.
+#[inline(always)]
+fn select_backend(key: &ServiceKey, svc: &ServiceValue, pkt: &Packet, now: u64) -> Option<u32> {
+    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    let akey = AffinityKey { client: v4_mapped(pkt.saddr), svc_id: svc.svc_id };
+    if affinity {
+        // SAFETY: copied out at once.
+        if let Some(a) = unsafe { AFFINITY.get(&akey) }.copied() {
+            let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
+            if now.wrapping_sub(a.last_used_ns) < timeout_ns
+                && unsafe { BACKENDS.get(&a.backend_id) }.is_some()
+            {
+                count(Stat::AffinityHit);
+                let v = AffinityValue { backend_id: a.backend_id, _pad: 0, last_used_ns: now };
+                let _ = AFFINITY.insert(&akey, &v, 0);
+                return Some(a.backend_id);
+            }
+        }
+    }
+    let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(svc.count)) as u16 + 1;
+    let slot_key = ServiceKey { slot, ..*key };
+    // SAFETY: copied out at once.
+    let id = unsafe { SERVICES.get(&slot_key) }?.backend_id;
+    if affinity {
+        let v = AffinityValue { backend_id: id, _pad: 0, last_used_ns: now };
+        let _ = AFFINITY.insert(&akey, &v, 0);
+    }
+    Some(id)
+}

@@ -1,0 +1,52 @@
+//! Address/port rewriting with incremental L3/L4 checksum updates.
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+
+use crate::packet::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet};
+
+/// Which end of the packet to rewrite.
+#[derive(Clone, Copy)]
+pub enum Side {
+    /// Destination (DNAT toward a backend).
+    Dst,
+    /// Source (reverse NAT of a reply back to the frontend).
+    Src,
+}
+
+/// Rewrites one end of `pkt` to `addr:port` (network-order octets, host-order
+/// port), keeping IPv4, TCP and UDP checksums correct. A UDP checksum of zero
+/// ("none") stays zero.
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, addr: [u8; 4], port: u16) -> Result<(), ()> {
+    let (addr_off, port_off, old_addr, old_port) = match side {
+        Side::Dst => (IP_DADDR_OFF, pkt.l4_off + 2, pkt.daddr, pkt.dport),
+        Side::Src => (IP_SADDR_OFF, pkt.l4_off, pkt.saddr, pkt.sport),
+    };
+    let old_a = u32::from_ne_bytes(old_addr);
+    let new_a = u32::from_ne_bytes(addr);
+    let old_p = old_port.to_be();
+    let new_p = port.to_be();
+    let mangled = if pkt.is_tcp() { 0 } else { u64::from(BPF_F_MARK_MANGLED_0) };
+    let csum_off = pkt.l4_csum_off();
+
+    if old_a != new_a {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_a),
+            u64::from(new_a),
+            u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
+        )
+        .map_err(|_| ())?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_a), u64::from(new_a), 4)
+            .map_err(|_| ())?;
+        ctx.store(addr_off, &new_a, 0).map_err(|_| ())?;
+    }
+    if old_p != new_p {
+        ctx.l4_csum_replace(csum_off, u64::from(old_p), u64::from(new_p), mangled | 2)
+            .map_err(|_| ())?;
+        ctx.store(port_off, &new_p, 0).map_err(|_| ())?;
+    }
+    Ok(())
+}
