@@ -134,10 +134,18 @@ impl Datapath {
         Ok(self.ebpf.program_mut(PROG_TC_INGRESS).ok_or_else(|| anyhow!("program missing"))?.try_into()?)
     }
 
-    /// The ingress program, for `BPF_PROG_TEST_RUN`.
-    pub fn program_fd(&mut self) -> anyhow::Result<std::os::fd::RawFd> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        Ok(self.program()?.fd()?.as_fd().as_raw_fd())
+    /// Runs the ingress program on `packet` with `BPF_PROG_TEST_RUN`.
+    /// Returns the verdict, the output frame and the mean time per run.
+    pub fn test_run(&mut self, packet: &[u8], repeat: u32) -> anyhow::Result<(i32, Vec<u8>, std::time::Duration)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat.max(1);
+        let r = self.program()?.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value as i32, out, r.duration))
     }
 
     /// Attaches the ingress program to `iface` (in the calling thread's

@@ -1,1 +1,311 @@
+//! Network-namespace topologies, echo servers and clients for the project's
+//! privileged tests, demo and benchmarks.
+//!
+//! Every topology lives in namespaces with no link to the host's interfaces:
+//! a packet the datapath fails to translate dies inside. Everything created
+//! is removed on drop, also when a test fails.
+use std::{
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context as _, bail};
+
+/// Fails loudly unless we can do privileged network work.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "this test needs root (network namespaces, BPF); run it as root, e.g. `sudo -E cargo xtask test`"
+    );
+}
+
+/// Runs a command, failing with its stderr.
+pub fn run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A named network namespace (`/run/netns/<name>`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+    file: File,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> anyhow::Result<Self> {
+        let _ = run("ip", &["netns", "del", name]);
+        run("ip", &["netns", "add", name])?;
+        let file = File::open(format!("/run/netns/{name}")).context("opening netns")?;
+        let ns = Self { name: name.to_owned(), file };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n <ns> args...`
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut a = vec!["-n", &self.name];
+        a.extend_from_slice(args);
+        run("ip", &a)
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_owned();
+        self.run(move || std::fs::write(&path, value).with_context(|| format!("writing {path}")))
+    }
+
+    /// Runs `f` on a thread that has entered this namespace. Sockets
+    /// created there stay in the namespace wherever they are used later.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let fd = self.file.as_raw_fd();
+        thread::scope(|s| {
+            s.spawn(move || {
+                // SAFETY: setns on this thread only, with an open netns fd.
+                let r = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+                assert!(r == 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("thread in netns panicked")
+        })
+    }
+
+    /// A command that runs in this namespace (network only: the mount
+    /// namespace, and so bpffs, stays the host's, unlike `ip netns exec`).
+    #[must_use]
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name)).arg("--").arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A pod: a namespace with one veth to the node.
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// Interface name of this pod's veth on the node side.
+    pub node_if: String,
+    pub ns: Netns,
+}
+
+/// Client pods, backend pods and a node between them.
+///
+/// Pod i has `10.200.<subnet>.2/24`, the node side `10.200.<subnet>.1/24`;
+/// clients use subnets 0.., backends 100... The node forwards between pods
+/// and has no other route, so service VIPs are unroutable unless translated.
+pub struct Topology {
+    pub prefix: String,
+    pub clients: Vec<Pod>,
+    pub backends: Vec<Pod>,
+    pub node: Netns,
+}
+
+/// Builds short unique namespace prefixes per process.
+#[must_use]
+pub fn unique_prefix(tag: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("kp{}-{}{}", tag, std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Topology {
+    pub fn build(prefix: &str, clients: usize, backends: usize) -> anyhow::Result<Self> {
+        let node = Netns::create(&format!("{prefix}-node"))?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        let mut topo = Topology { prefix: prefix.to_owned(), clients: Vec::new(), backends: Vec::new(), node };
+        for i in 0..clients {
+            let pod = topo.add_pod(&format!("c{i}"), i as u8)?;
+            topo.clients.push(pod);
+        }
+        for i in 0..backends {
+            let pod = topo.add_pod(&format!("b{i}"), 100 + i as u8)?;
+            topo.backends.push(pod);
+        }
+        Ok(topo)
+    }
+
+    /// Adds one pod namespace wired to the node.
+    pub fn add_pod(&self, name: &str, subnet: u8) -> anyhow::Result<Pod> {
+        let ns = Netns::create(&format!("{}-{name}", self.prefix))?;
+        let node_if = format!("veth{name}");
+        run(
+            "ip",
+            &[
+                "link", "add", &node_if, "netns", &self.node.name, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns.name,
+            ],
+        )?;
+        let ip = Ipv4Addr::new(10, 200, subnet, 2);
+        let gw = format!("10.200.{subnet}.1");
+        self.node.ip(&["addr", "add", &format!("{gw}/24"), "dev", &node_if])?;
+        self.node.ip(&["link", "set", &node_if, "up"])?;
+        self.node.sysctl(&format!("net.ipv4.conf.{node_if}.rp_filter"), "0")?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "via", &gw])?;
+        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        Ok(Pod { name: name.to_owned(), ip, node_if, ns })
+    }
+
+    /// Node-side interface names of every pod.
+    #[must_use]
+    pub fn node_interfaces(&self) -> Vec<String> {
+        self.clients.iter().chain(&self.backends).map(|p| p.node_if.clone()).collect()
+    }
+}
+
+/// TCP and UDP echo server answering every request with `<name>\n`.
+pub struct EchoServer {
+    pub name: String,
+    stop: Arc<AtomicBool>,
+    fds: Vec<i32>,
+    threads: Vec<thread::JoinHandle<()>>,
+    _sockets: (Arc<TcpListener>, Arc<UdpSocket>),
+}
+
+impl EchoServer {
+    /// Starts serving on `0.0.0.0:port` (TCP and UDP) inside `ns`.
+    pub fn start(ns: &Netns, name: &str, port: u16) -> anyhow::Result<Self> {
+        let (tcp, udp) = ns.run(|| -> anyhow::Result<_> {
+            let tcp = TcpListener::bind(("0.0.0.0", port)).context("bind tcp")?;
+            let udp = UdpSocket::bind(("0.0.0.0", port)).context("bind udp")?;
+            Ok((tcp, udp))
+        })?;
+        let tcp = Arc::new(tcp);
+        let udp = Arc::new(udp);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reply: Arc<Vec<u8>> = Arc::new(format!("{name}\n").into_bytes());
+        let mut threads = Vec::new();
+        {
+            let (tcp, stop, reply) = (tcp.clone(), stop.clone(), reply.clone());
+            threads.push(thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut conn, _)) = tcp.accept() else { break };
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let reply = reply.clone();
+                    thread::spawn(move || {
+                        let _ = conn.set_nodelay(true);
+                        let mut buf = [0u8; 2048];
+                        loop {
+                            match conn.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(_) => {
+                                    if conn.write_all(&reply).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    });
+                }
+            }));
+        }
+        {
+            let (udp, stop, reply) = (udp.clone(), stop.clone(), reply.clone());
+            threads.push(thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    match udp.recv_from(&mut buf) {
+                        Ok((0, _)) if stop.load(Ordering::Relaxed) => break,
+                        Ok((_, from)) => {
+                            let _ = udp.send_to(&reply, from);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }));
+        }
+        let fds = vec![tcp.as_raw_fd(), udp.as_raw_fd()];
+        Ok(Self { name: name.to_owned(), stop, fds, threads, _sockets: (tcp, udp) })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for fd in &self.fds {
+            // SAFETY: shutting down sockets we own wakes blocked accept/recv.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One TCP request/response on a new connection from `ns`. Returns the
+/// answer (trimmed) and the peer address the client saw.
+pub fn tcp_request(ns: &Netns, to: SocketAddrV4, timeout: Duration) -> anyhow::Result<(String, SocketAddr)> {
+    let mut s = tcp_connect(ns, to, timeout)?;
+    let answer = tcp_exchange(&mut s)?;
+    Ok((answer, s.peer_addr()?))
+}
+
+/// Opens a TCP connection from `ns`.
+pub fn tcp_connect(ns: &Netns, to: SocketAddrV4, timeout: Duration) -> anyhow::Result<TcpStream> {
+    let s = ns.run(|| TcpStream::connect_timeout(&SocketAddr::V4(to), timeout)).with_context(|| format!("connect {to}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// One request/response on an open connection.
+pub fn tcp_exchange(s: &mut TcpStream) -> anyhow::Result<String> {
+    s.write_all(b"hello\n")?;
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf)?;
+    if n == 0 {
+        bail!("connection closed by peer");
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+}
+
+/// One UDP request from `ns` on an unconnected socket. Returns the answer
+/// and the address it came from.
+pub fn udp_request(ns: &Netns, to: SocketAddrV4, timeout: Duration) -> anyhow::Result<(String, SocketAddr)> {
+    let sock = ns.run(|| UdpSocket::bind("0.0.0.0:0"))?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send_to(b"hello\n", to)?;
+    let mut buf = [0u8; 256];
+    let (n, from) = sock.recv_from(&mut buf).with_context(|| format!("udp answer from {to}"))?;
+    Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
