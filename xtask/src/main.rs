@@ -1,1 +1,98 @@
-fn main() {}
+//! Build, test, demo and bench orchestration. `cargo xtask --help`.
+mod bootstrap;
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "kproxy developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build needs: nightly rust-src, bpf-linker (built
+    /// against the nightly's own LLVM, cached outside the clone), bpftool.
+    Bootstrap,
+    /// Build the agent (with the embedded eBPF object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test, privileged ones included (needs root).
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Demo: namespaces, three backends, the agent in standalone mode on
+    /// examples/demo, requests to the ClusterIP, a map dump, teardown.
+    Demo,
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+/// Runs `cargo` with the bootstrap's PATH, in the workspace root.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(root())
+        .env("PATH", bootstrap::path_with_linker()?)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (network namespaces, BPF); run it as root, e.g. `sudo -E cargo xtask {what}`");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Bootstrap => bootstrap::run(),
+        Cmd::Build { release } => {
+            bootstrap::run()?;
+            let mut args = vec!["build", "-p", "proxy-agent"];
+            if release {
+                args.push("--release");
+            }
+            cargo(&args)
+        }
+        Cmd::Test { args } => {
+            require_root("test")?;
+            bootstrap::run()?;
+            let mut a: Vec<&str> = vec!["test", "--workspace"];
+            a.extend(args.iter().map(String::as_str));
+            cargo(&a)
+        }
+        Cmd::Demo => {
+            require_root("demo")?;
+            bootstrap::run()?;
+            cargo(&["build", "--release", "-p", "proxy-agent"])?;
+            demo::run()
+        }
+    }
+}
