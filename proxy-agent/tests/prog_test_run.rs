@@ -1,0 +1,212 @@
+//! The real TC program run on crafted frames with BPF_PROG_TEST_RUN: output
+//! bytes, checksums and verdicts, without attaching anything.
+use std::net::{IpAddr, Ipv4Addr};
+
+use proxy_agent::{
+    datapath::{self, Datapath, DatapathConfig, PinnedMaps},
+    sync::SyncEngine,
+    translate::{BackendAddr, Desired, Frontend, FrontendAddr, FrontendKind, Proto},
+};
+use proxy_testkit::{require_root, unique_prefix};
+
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_REDIRECT: i32 = 7;
+
+const CLIENT: [u8; 4] = [10, 200, 0, 2];
+const VIP: [u8; 4] = [10, 96, 0, 10];
+const EMPTY_VIP: [u8; 4] = [10, 96, 0, 11];
+const BACKEND: [u8; 4] = [10, 200, 100, 2];
+
+struct Fixture {
+    dp: Datapath,
+    cfg: DatapathConfig,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = datapath::cleanup(&self.cfg.pin_dir());
+    }
+}
+
+fn fixture() -> Fixture {
+    require_root();
+    let cfg = DatapathConfig { pin_dir_name: unique_prefix("t"), max_conntrack: 4096, ..Default::default() };
+    let dp = Datapath::load(&cfg).expect("load");
+    let mut engine = SyncEngine::adopt(PinnedMaps::open(&cfg.pin_dir()).unwrap()).unwrap();
+    let mut d = Desired::default();
+    for (vip, port, proto, backends) in [
+        (VIP, 80, Proto::Tcp, vec![BackendAddr { ip: ip(BACKEND), port: 8080 }]),
+        (VIP, 53, Proto::Udp, vec![BackendAddr { ip: ip(BACKEND), port: 5353 }]),
+        (EMPTY_VIP, 80, Proto::Tcp, vec![]),
+    ] {
+        let addr = FrontendAddr { ip: ip(vip), port, proto };
+        d.frontends.insert(addr, Frontend { addr, kind: FrontendKind::ClusterIp, owner: "t".into(), backends, affinity_timeout_s: None });
+    }
+    let r = engine.sync(&d);
+    assert!(r.failed.is_empty());
+    Fixture { dp, cfg }
+}
+
+fn ip(o: [u8; 4]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(o))
+}
+
+fn csum(data: &[u8], init: u32) -> u16 {
+    let mut s = init;
+    for c in data.chunks(2) {
+        s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+fn pseudo(src: &[u8], dst: &[u8], proto: u8, len: usize) -> u32 {
+    let mut p = Vec::new();
+    p.extend_from_slice(src);
+    p.extend_from_slice(dst);
+    p.extend_from_slice(&[0, proto]);
+    p.extend_from_slice(&(len as u16).to_be_bytes());
+    let mut s = 0u32;
+    for c in p.chunks(2) {
+        s += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    s
+}
+
+/// Ethernet + IPv4 + TCP/UDP frame with correct checksums.
+fn frame(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, frag: u16, udp_zero_csum: bool) -> Vec<u8> {
+    let payload = b"ping";
+    let l4_len = if proto == 6 { 20 } else { 8 } + payload.len();
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+    let mut iph = vec![0x45, 0];
+    iph.extend_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+    iph.extend_from_slice(&[0x12, 0x34]);
+    iph.extend_from_slice(&frag.to_be_bytes());
+    iph.extend_from_slice(&[64, proto, 0, 0]);
+    iph.extend_from_slice(&src);
+    iph.extend_from_slice(&dst);
+    let c = csum(&iph, 0);
+    iph[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    if proto == 6 {
+        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        l4.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+    }
+    l4.extend_from_slice(payload);
+    let coff = if proto == 6 { 16 } else { 6 };
+    if !(proto == 17 && udp_zero_csum) {
+        let c = csum(&l4, pseudo(&src, &dst, proto, l4_len));
+        l4[coff..coff + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    f.extend_from_slice(&iph);
+    f.extend_from_slice(&l4);
+    f
+}
+
+struct Parsed {
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+}
+
+/// Checks every checksum of an output frame and returns its addresses.
+fn check(f: &[u8]) -> Parsed {
+    let ip = &f[14..34];
+    assert_eq!(csum(ip, 0), 0, "IPv4 header checksum");
+    let proto = ip[9];
+    let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let l4 = &f[34..14 + tot];
+    let src: [u8; 4] = ip[12..16].try_into().unwrap();
+    let dst: [u8; 4] = ip[16..20].try_into().unwrap();
+    let zero_udp = proto == 17 && l4[6] == 0 && l4[7] == 0;
+    if !zero_udp {
+        assert_eq!(csum(l4, pseudo(&src, &dst, proto, l4.len())), 0, "L4 checksum (proto {proto})");
+    }
+    Parsed { src, dst, sport: u16::from_be_bytes([l4[0], l4[1]]), dport: u16::from_be_bytes([l4[2], l4[3]]) }
+}
+
+#[test]
+fn tcp_dnat_and_reply_rewrite_keep_checksums() {
+    let mut fx = fixture();
+    let (v, out, _) = fx.dp.test_run(&frame(CLIENT, VIP, 6, 40000, 80, 0x4000, false), 1).unwrap();
+    assert_eq!(v, TC_ACT_OK);
+    let p = check(&out);
+    assert_eq!((p.src, p.sport, p.dst, p.dport), (CLIENT, 40000, BACKEND, 8080), "DNAT to the backend");
+
+    // The backend's reply is rewritten back to VIP:80.
+    let (v, out, _) = fx.dp.test_run(&frame(BACKEND, CLIENT, 6, 8080, 40000, 0x4000, false), 1).unwrap();
+    assert_eq!(v, TC_ACT_OK);
+    let p = check(&out);
+    assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 80, CLIENT, 40000), "reverse NAT");
+
+    let ct = datapath::conntrack_entries(&fx.cfg.pin_dir()).unwrap();
+    assert_eq!(ct.len(), 2, "one forward and one reply entry");
+}
+
+#[test]
+fn udp_checksums_and_zero_checksum() {
+    let mut fx = fixture();
+    let (v, out, _) = fx.dp.test_run(&frame(CLIENT, VIP, 17, 40001, 53, 0, false), 1).unwrap();
+    assert_eq!(v, TC_ACT_OK);
+    let p = check(&out);
+    assert_eq!((p.dst, p.dport), (BACKEND, 5353));
+    assert_ne!(&out[40..42], &[0, 0], "a real UDP checksum stays non-zero");
+
+    let (v, out, _) = fx.dp.test_run(&frame(CLIENT, VIP, 17, 40002, 53, 0, true), 1).unwrap();
+    assert_eq!(v, TC_ACT_OK);
+    let p = check(&out);
+    assert_eq!((p.dst, p.dport), (BACKEND, 5353));
+    assert_eq!(&out[40..42], &[0, 0], "UDP without checksum stays without");
+}
+
+#[test]
+fn packets_we_do_not_own_pass_untouched() {
+    let mut fx = fixture();
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("other destination", frame(CLIENT, [10, 200, 100, 2], 6, 40000, 8080, 0, false)),
+        ("other port on the VIP", frame(CLIENT, VIP, 6, 40000, 81, 0, false)),
+        ("first fragment", frame(CLIENT, VIP, 17, 40000, 53, 0x2000, false)),
+        ("later fragment", frame(CLIENT, VIP, 17, 40000, 53, 0x0010, false)),
+    ];
+    let mut icmp = frame(CLIENT, VIP, 17, 40000, 53, 0, false);
+    icmp[23] = 1;
+    cases.push(("ICMP", icmp));
+    let mut arp = frame(CLIENT, VIP, 6, 40000, 80, 0, false);
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    cases.push(("ARP", arp));
+    let short = frame(CLIENT, VIP, 6, 40000, 80, 0, false)[..36].to_vec();
+    cases.push(("truncated L4 header", short));
+    let mut ipv6 = frame(CLIENT, VIP, 6, 40000, 80, 0, false);
+    ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    cases.push(("IPv6 ethertype", ipv6));
+    for (name, pkt) in cases {
+        let (v, out, _) = fx.dp.test_run(&pkt, 1).unwrap();
+        assert_eq!(v, TC_ACT_OK, "{name}: verdict");
+        assert_eq!(out, pkt, "{name}: bytes untouched");
+    }
+}
+
+#[test]
+fn service_without_backends_answers_icmp_port_unreachable() {
+    let mut fx = fixture();
+    let syn = frame(CLIENT, EMPTY_VIP, 6, 40000, 80, 0x4000, false);
+    let (v, out, _) = fx.dp.test_run(&syn, 1).unwrap();
+    assert_eq!(v, TC_ACT_REDIRECT, "sent back out of the ingress interface");
+    assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    assert_eq!(&out[0..6], &syn[6..12], "to the client's MAC");
+    let ip = &out[14..34];
+    assert_eq!(csum(ip, 0), 0, "IPv4 checksum");
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!((&ip[12..16], &ip[16..20]), (&EMPTY_VIP[..], &CLIENT[..]));
+    let icmp = &out[34..];
+    assert_eq!((icmp[0], icmp[1]), (3, 3), "destination/port unreachable");
+    assert_eq!(csum(icmp, 0), 0, "ICMP checksum");
+    assert_eq!(&icmp[8..36], &syn[14..42], "quotes the original header and 8 bytes");
+}

@@ -1,0 +1,155 @@
+//! Property test of the sync engine: random sequences of Service/endpoint
+//! changes (and agent restarts) leave the maps equal to the model, and no
+//! intermediate map state exposes a frontend with a partial, dangling or
+//! empty backend set when it had backends before and after the change.
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use proptest::prelude::*;
+use proxy_agent::{
+    sync::{MemMaps, SyncEngine, frontend_key},
+    translate::{BackendAddr, Desired, Frontend, FrontendAddr, FrontendKind, Proto},
+};
+use proxy_common::ServiceKey;
+
+thread_local! {
+    /// Frontends that must show a complete non-empty set in every state.
+    static MUST_STAY: RefCell<BTreeSet<ServiceKey>> = const { RefCell::new(BTreeSet::new()) };
+    static VIOLATIONS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+fn observe(m: &MemMaps) {
+    for (k, _) in m.services.iter().filter(|(k, _)| k.slot == 0) {
+        if let Some(Err(e)) = m.reader_view(k) {
+            VIOLATIONS.with(|v| v.borrow_mut().push(format!("{k:?}: {e}")));
+        }
+    }
+    MUST_STAY.with(|s| {
+        for k in s.borrow().iter() {
+            match m.reader_view(k) {
+                Some(Ok(b)) if !b.is_empty() => {}
+                other => VIOLATIONS.with(|v| v.borrow_mut().push(format!("{k:?} lost its backends: {other:?}"))),
+            }
+        }
+    });
+}
+
+fn fe_addr(i: u8) -> FrontendAddr {
+    FrontendAddr { ip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, i)), port: 80, proto: if i % 2 == 0 { Proto::Tcp } else { Proto::Udp } }
+}
+
+fn backend(i: u8) -> BackendAddr {
+    BackendAddr { ip: IpAddr::V4(Ipv4Addr::new(10, 1, 0, i)), port: 8080 }
+}
+
+/// A desired state: for each of 6 frontends, absent or a set of backends
+/// (bitmask over 8 backends), with or without affinity.
+fn desired_strategy() -> impl Strategy<Value = Vec<Option<(u8, bool)>>> {
+    prop::collection::vec(prop::option::of((any::<u8>(), any::<bool>())), 6)
+}
+
+fn build(state: &[Option<(u8, bool)>]) -> Desired {
+    let mut d = Desired::default();
+    for (i, s) in state.iter().enumerate() {
+        if let Some((mask, aff)) = s {
+            let addr = fe_addr(i as u8 + 1);
+            let backends = (0..8).filter(|b| mask & (1 << b) != 0).map(|b| backend(b + 1)).collect();
+            d.frontends.insert(
+                addr,
+                Frontend {
+                    addr,
+                    kind: FrontendKind::ClusterIp,
+                    owner: format!("ns/svc{i}"),
+                    backends,
+                    affinity_timeout_s: aff.then_some(30),
+                },
+            );
+        }
+    }
+    d
+}
+
+fn assert_maps_equal_model(m: &MemMaps, d: &Desired) {
+    let mut expected_entries = 0;
+    let mut used = BTreeSet::new();
+    for f in d.frontends.values() {
+        let key = frontend_key(&f.addr);
+        let view = m.reader_view(&key).expect("frontend programmed").expect("consistent");
+        let got: Vec<(Vec<u8>, u16)> = view.iter().map(|b| (b.addr.to_vec(), b.port)).collect();
+        let want: Vec<(Vec<u8>, u16)> = f
+            .backends
+            .iter()
+            .map(|b| match b.ip {
+                IpAddr::V4(v4) => (proxy_common::v4_mapped(v4.octets()).to_vec(), b.port),
+                IpAddr::V6(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(got, want, "backends of {:?}", f.addr);
+        let v = m.services[&key];
+        assert_eq!(v.affinity_timeout_s, f.affinity_timeout_s.unwrap_or(0));
+        expected_entries += 1 + f.backends.len();
+        for slot in 1..=v.count {
+            used.insert(m.services[&ServiceKey { slot, ..key }].backend_id);
+        }
+    }
+    assert_eq!(m.services.len(), expected_entries, "no stale frontends or slots");
+    let ids: BTreeSet<u32> = m.backends.keys().copied().collect();
+    assert_eq!(ids, used, "no stale backends");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+    #[test]
+    fn sync_engine_matches_model(steps in prop::collection::vec((desired_strategy(), any::<bool>()), 1..12)) {
+        let maps = MemMaps { observer: Some(observe), ..MemMaps::default() };
+        let mut engine = SyncEngine::adopt(maps).unwrap();
+        let mut before: BTreeMap<ServiceKey, usize> = BTreeMap::new();
+        for (state, restart) in steps {
+            if restart {
+                // A new agent adopting what the old one left.
+                let maps = engine.maps().clone();
+                engine = SyncEngine::adopt(maps).unwrap();
+            }
+            let d = build(&state);
+            let after: BTreeMap<ServiceKey, usize> =
+                d.frontends.values().map(|f| (frontend_key(&f.addr), f.backends.len())).collect();
+            let stay: BTreeSet<ServiceKey> = after
+                .iter()
+                .filter(|(k, n)| **n > 0 && before.get(*k).is_some_and(|b| *b > 0))
+                .map(|(k, _)| *k)
+                .collect();
+            MUST_STAY.with(|s| *s.borrow_mut() = stay);
+            VIOLATIONS.with(|v| v.borrow_mut().clear());
+            let report = engine.sync(&d);
+            MUST_STAY.with(|s| s.borrow_mut().clear());
+            prop_assert!(report.failed.is_empty(), "{:?}", report.failed);
+            let violations = VIOLATIONS.with(|v| v.borrow().clone());
+            prop_assert!(violations.is_empty(), "intermediate states: {:?}", violations);
+            assert_maps_equal_model(engine.maps(), &d);
+            // A second sync of the same state writes nothing.
+            let again = engine.sync(&d);
+            prop_assert_eq!(again.writes + again.deletes, 0);
+            before = after;
+        }
+    }
+}
+
+#[test]
+fn full_map_fails_one_frontend_not_the_others() {
+    let maps = MemMaps { capacity_services: Some(5), ..MemMaps::default() };
+    let mut engine = SyncEngine::adopt(maps).unwrap();
+    // Frontend 1 needs 1+2 entries, frontend 2 needs 1+3: only one fits.
+    let d = build(&[Some((0b11, false)), Some((0b111, false))]);
+    let r = engine.sync(&d);
+    assert_eq!(r.failed.len(), 1, "{r:?}");
+    assert!(r.failed[0].1.contains("full"), "{r:?}");
+    let k1 = frontend_key(&fe_addr(1));
+    assert_eq!(engine.maps().reader_view(&k1).unwrap().unwrap().len(), 2, "the frontend that fit is programmed");
+    // No half-programmed frontend 2 left behind.
+    let k2 = frontend_key(&fe_addr(2));
+    assert!(engine.maps().reader_view(&k2).is_none());
+    assert!(engine.maps().services.len() <= 5);
+}

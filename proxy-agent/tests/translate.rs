@@ -1,0 +1,73 @@
+//! Table-driven translation tests from fixtures/translate.yaml.
+use std::net::IpAddr;
+
+use proxy_agent::{
+    manifests,
+    translate::{Desired, NodeInfo, translate_all},
+};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    objects: String,
+    #[serde(default)]
+    zone: Option<String>,
+    #[serde(default)]
+    node_ips: Vec<IpAddr>,
+    frontends: Vec<String>,
+    skipped: Vec<String>,
+}
+
+fn render(d: &Desired) -> (Vec<String>, Vec<String>) {
+    let fes = d
+        .frontends
+        .values()
+        .map(|f| {
+            let b: Vec<String> = f.backends.iter().map(|b| format!("{}:{}", b.ip, b.port)).collect();
+            let aff = f.affinity_timeout_s.map(|t| format!(" affinity={t}")).unwrap_or_default();
+            format!("{}:{}/{:?} {:?} -> [{}]{aff}", f.addr.ip, f.addr.port, f.addr.proto, f.kind, b.join(", "))
+                .replace("/Tcp", "/TCP")
+                .replace("/Udp", "/UDP")
+        })
+        .collect();
+    let mut skips: Vec<String> = d.skipped.iter().map(|s| s.reason.label().to_owned()).collect();
+    skips.sort();
+    (fes, skips)
+}
+
+#[test]
+fn translation_table() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/translate.yaml")).unwrap();
+    let cases: Vec<Case> = serde_yaml::from_str(&text).unwrap();
+    assert!(cases.len() >= 15);
+    let mut failures = Vec::new();
+    for case in &cases {
+        let objs = manifests::parse_str(&case.objects, &case.name).unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
+        let node = NodeInfo { name: "node-a".into(), zone: case.zone.clone(), addresses: case.node_ips.clone() };
+        let desired = translate_all(&objs.services, &objs.slices, &node);
+        let (mut fes, skips) = render(&desired);
+        fes.sort();
+        let mut want_fes = case.frontends.clone();
+        want_fes.sort();
+        let mut want_skips = case.skipped.clone();
+        want_skips.sort();
+        if fes != want_fes || skips != want_skips {
+            failures.push(format!(
+                "case {:?}:\n  frontends: got {fes:#?}\n  want {want_fes:#?}\n  skipped: got {skips:?} want {want_skips:?}",
+                case.name
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn manifests_accept_lists_and_json() {
+    let list = r#"{"apiVersion":"v1","kind":"List","items":[
+        {"apiVersion":"v1","kind":"Service","metadata":{"name":"a","namespace":"x"},"spec":{"clusterIP":"10.96.1.1","ports":[{"port":80}]}},
+        {"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"ignored"}}]}"#;
+    let objs = manifests::parse_str(list, "list").unwrap();
+    assert_eq!(objs.services.len(), 1);
+    assert!(manifests::parse_str("kind: Service\nmetadata: {name: x}\nspec: {ports: 7}\n", "bad").is_err());
+}
