@@ -1,0 +1,189 @@
+//! The agent binary in standalone mode, in the node namespace: programs from
+//! files, reprograms on change, survives bad files, and a kill -9 + restart
+//! interrupts no connection.
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{service, slice};
+use proxy_testkit::{EchoServer, Netns, Topology, require_root, tcp_connect, tcp_exchange, tcp_request, unique_prefix, wait_until};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const T: Duration = Duration::from_secs(2);
+
+struct Harness {
+    child: Option<Child>,
+    pin_dir: String,
+    manifests: PathBuf,
+    _servers: Vec<EchoServer>,
+    topo: Topology,
+}
+
+impl Harness {
+    fn new() -> Self {
+        require_root();
+        let prefix = unique_prefix("p");
+        let topo = Topology::build(&prefix, 1, 3).unwrap();
+        let servers = topo.backends.iter().map(|b| EchoServer::start(&b.ns, &b.name, 8080).unwrap()).collect();
+        let manifests = std::env::temp_dir().join(format!("{prefix}-manifests"));
+        std::fs::create_dir_all(&manifests).unwrap();
+        Harness { child: None, pin_dir: prefix, manifests, _servers: servers, topo }
+    }
+
+    fn write(&self, file: &str, text: &str) {
+        // Write then rename, as a config-map update does.
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.manifests.join(file)).unwrap();
+    }
+
+    fn web(&self, backends: &[usize]) -> String {
+        let ports = [(80, "TCP")];
+        let ips: Vec<Ipv4Addr> = backends.iter().map(|i| self.topo.backends[*i].ip).collect();
+        service("web", "10.96.0.10", &ports, "") + &slice("web", "web-1", &ports, &ips)
+    }
+
+    fn start(&mut self) {
+        let child = self
+            .topo
+            .node
+            .command(env!("CARGO_BIN_EXE_proxy-agent"))
+            .args(["--manifests", self.manifests.to_str().unwrap(), "--interfaces", "veth*"])
+            .args(["--pin-dir", &self.pin_dir, "--poll-interval-ms", "100", "--node-name", "node-a"])
+            .args(["--metrics-addr", "127.0.0.1:10249", "--health-addr", "127.0.0.1:10256"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        assert!(wait_until(Duration::from_secs(15), || http_get(&self.topo.node, 10256, "/readyz").starts_with("HTTP/1.1 200")), "agent ready");
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // nsenter execs the agent, so the child pid is the agent's.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+
+    fn answers(&self, n: usize) -> Vec<String> {
+        (0..n).map(|_| tcp_request(&self.topo.clients[0].ns, common::sa(VIP, 80), T).map(|r| r.0).unwrap_or_else(|e| format!("error: {e:#}"))).collect()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = proxy_agent::datapath::cleanup(&Path::new("/sys/fs/bpf").join(&self.pin_dir));
+        let _ = std::fs::remove_dir_all(&self.manifests);
+    }
+}
+
+fn http_get(ns: &Netns, port: u16, path: &str) -> String {
+    ns.run(|| {
+        let Ok(mut s) = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(300)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+}
+
+#[test]
+fn standalone_agent_follows_manifest_changes() {
+    let mut h = Harness::new();
+    h.write("web.yaml", &h.web(&[0, 1]));
+    h.start();
+    let a = h.answers(30);
+    assert!(a.iter().all(|x| x == "b0" || x == "b1"), "{a:?}");
+
+    // Endpoints change in the file: the agent reprograms.
+    h.write("web.yaml", &h.web(&[2]));
+    assert!(wait_until(Duration::from_secs(5), || h.answers(5).iter().all(|x| x == "b2")), "reprogrammed to b2");
+
+    // A broken file is reported and ignored; the Service keeps working.
+    h.write("broken.yaml", "kind: Service\nmetadata: {name: broken}\nspec: {ports: [{port: notanumber}]}\n");
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(h.child.as_mut().unwrap().try_wait().unwrap().is_none(), "agent still running");
+    assert!(h.answers(5).iter().all(|x| x == "b2"));
+
+    let metrics = http_get(&h.topo.node, 10249, "/metrics");
+    assert!(metrics.contains("kproxy_programmed_frontends 1"), "{metrics}");
+    assert!(metrics.contains("kproxy_datapath_packets_total{reason=\"new_flow\"}"), "{metrics}");
+
+    // Deleting the file removes the Service: the VIP is no longer translated.
+    std::fs::remove_file(h.manifests.join("web.yaml")).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || tcp_connect(&h.topo.clients[0].ns, common::sa(VIP, 80), Duration::from_millis(300)).is_err()));
+}
+
+#[test]
+fn kill_and_restart_interrupts_no_connection() {
+    let mut h = Harness::new();
+    h.write("web.yaml", &h.web(&[0, 1, 2]));
+    h.start();
+    // Long-lived connections opened before the restart.
+    let mut conns: Vec<(TcpStream, String)> = (0..6)
+        .map(|_| {
+            let mut s = tcp_connect(&h.topo.clients[0].ns, common::sa(VIP, 80), T).unwrap();
+            let who = tcp_exchange(&mut s).unwrap();
+            (s, who)
+        })
+        .collect();
+
+    // A bounded stream of new connections across kill -9 and restart.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let client = h.topo.clients[0].ns.name.clone();
+    let stream = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let ns_file = std::fs::File::open(format!("/run/netns/{client}")).unwrap();
+            use std::os::fd::AsRawFd as _;
+            assert_eq!(unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && n < 20_000 {
+                n += 1;
+                let r = TcpStream::connect_timeout(&common::sa(VIP, 80).into(), T).and_then(|mut s| {
+                    s.set_read_timeout(Some(T))?;
+                    s.write_all(b"x\n")?;
+                    let mut b = [0u8; 16];
+                    let k = s.read(&mut b)?;
+                    if k == 0 { Err(std::io::Error::other("closed")) } else { Ok(()) }
+                });
+                match r {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    h.kill9();
+    std::thread::sleep(Duration::from_millis(500)); // no agent at all meanwhile
+    h.start();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    stream.join().unwrap();
+
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 50, "the stream made progress ({ok} requests)");
+    assert_eq!(failed, 0, "no request failed across kill -9 and restart ({ok} succeeded)");
+    for (s, who) in &mut conns {
+        assert_eq!(&tcp_exchange(s).expect("connection opened before the restart still works"), who);
+    }
+}
