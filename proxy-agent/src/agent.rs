@@ -96,6 +96,11 @@ impl Agent {
     }
 
     #[must_use]
+    pub fn node_name(&self) -> &str {
+        &self.cfg.node_name
+    }
+
+    #[must_use]
     pub fn attached(&self) -> &BTreeSet<String> {
         &self.attached
     }

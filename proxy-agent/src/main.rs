@@ -60,6 +60,10 @@ struct Cli {
     #[arg(long, env = "KPROXY_POLL_INTERVAL_MS", default_value_t = 500)]
     poll_interval_ms: u64,
 
+    /// Kubernetes mode: wait this long after a change to coalesce a burst.
+    #[arg(long, env = "KPROXY_COALESCE_MS", default_value_t = 5)]
+    coalesce_ms: u64,
+
     /// Detach and remove every pin when the agent exits (default: leave the
     /// datapath running, so a restart interrupts no connection).
     #[arg(long, env = "KPROXY_CLEANUP_ON_EXIT")]
@@ -174,7 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut agent = Agent::start(cfg, metrics.clone()).context("starting the datapath")?;
     let result = match &cli.manifests {
         Some(dir) => run_standalone(&mut agent, dir, &metrics, Duration::from_millis(cli.poll_interval_ms)).await,
-        None => proxy_agent::kube::run(&mut agent, cli.kubeconfig.as_deref(), &metrics, Duration::from_millis(cli.poll_interval_ms)).await,
+        None => proxy_agent::kube::run(&mut agent, cli.kubeconfig.as_deref(), &metrics, Duration::from_millis(cli.coalesce_ms)).await,
     };
     for s in servers {
         s.abort();
@@ -188,18 +192,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     result
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 async fn run_standalone(agent: &mut Agent, dir: &std::path::Path, metrics: &Metrics, poll: Duration) -> anyhow::Result<()> {
     let mut manifests = ManifestDir::new(dir);
     let mut tick = tokio::time::interval(poll);
-    let shutdown = shutdown_signal();
+    let shutdown = proxy_agent::shutdown_signal();
     tokio::pin!(shutdown);
     let mut first = true;
     loop {
