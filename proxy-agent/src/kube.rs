@@ -121,6 +121,10 @@ pub async fn run(agent: &mut Agent, kubeconfig: Option<&Path>, metrics: &Arc<Met
             let nodes: Vec<Node> = node_store.state().iter().map(|s| (**s).clone()).collect();
             agent.apply(&services, &slices, &nodes, oldest);
             if first {
+                // Ready means programmed and attached.
+                if let Err(e) = agent.attach_interfaces() {
+                    tracing::warn!(error = format!("{e:#}"), "listing interfaces");
+                }
                 metrics.ready.store(true, Ordering::Relaxed);
                 tracing::info!(services = services.len(), slices = slices.len(), "first full sync programmed; ready");
                 first = false;
