@@ -12,7 +12,7 @@ use std::{
     process::Command,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -178,13 +178,12 @@ impl Topology {
     }
 }
 
-/// TCP and UDP echo server answering every request with `<name>\n`.
+/// TCP and UDP echo server answering every request with `<name>\n`, on
+/// its own single-threaded tokio runtime (cheap per connection, so it does
+/// not limit connection-rate benchmarks).
 pub struct EchoServer {
     pub name: String,
-    stop: Arc<AtomicBool>,
-    fds: Vec<i32>,
-    threads: Vec<thread::JoinHandle<()>>,
-    _sockets: (Arc<TcpListener>, Arc<UdpSocket>),
+    rt: Option<tokio::runtime::Runtime>,
 }
 
 impl EchoServer {
@@ -193,30 +192,27 @@ impl EchoServer {
         let (tcp, udp) = ns.run(|| -> anyhow::Result<_> {
             let tcp = TcpListener::bind(("0.0.0.0", port)).context("bind tcp")?;
             let udp = UdpSocket::bind(("0.0.0.0", port)).context("bind udp")?;
+            tcp.set_nonblocking(true)?;
+            udp.set_nonblocking(true)?;
             Ok((tcp, udp))
         })?;
-        let tcp = Arc::new(tcp);
-        let udp = Arc::new(udp);
-        let stop = Arc::new(AtomicBool::new(false));
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         let reply: Arc<Vec<u8>> = Arc::new(format!("{name}\n").into_bytes());
-        let mut threads = Vec::new();
         {
-            let (tcp, stop, reply) = (tcp.clone(), stop.clone(), reply.clone());
-            threads.push(thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((mut conn, _)) = tcp.accept() else { break };
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
+            let reply = reply.clone();
+            rt.spawn(async move {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let Ok(l) = tokio::net::TcpListener::from_std(tcp) else { return };
+                while let Ok((mut conn, _)) = l.accept().await {
                     let reply = reply.clone();
-                    thread::spawn(move || {
+                    tokio::spawn(async move {
                         let _ = conn.set_nodelay(true);
                         let mut buf = [0u8; 2048];
                         loop {
-                            match conn.read(&mut buf) {
+                            match conn.read(&mut buf).await {
                                 Ok(0) | Err(_) => break,
                                 Ok(_) => {
-                                    if conn.write_all(&reply).is_err() {
+                                    if conn.write_all(&reply).await.is_err() {
                                         break;
                                     }
                                 }
@@ -224,37 +220,23 @@ impl EchoServer {
                         }
                     });
                 }
-            }));
+            });
         }
-        {
-            let (udp, stop, reply) = (udp.clone(), stop.clone(), reply.clone());
-            threads.push(thread::spawn(move || {
-                let mut buf = [0u8; 2048];
-                while !stop.load(Ordering::Relaxed) {
-                    match udp.recv_from(&mut buf) {
-                        Ok((0, _)) if stop.load(Ordering::Relaxed) => break,
-                        Ok((_, from)) => {
-                            let _ = udp.send_to(&reply, from);
-                        }
-                        Err(_) => break,
-                    }
-                }
-            }));
-        }
-        let fds = vec![tcp.as_raw_fd(), udp.as_raw_fd()];
-        Ok(Self { name: name.to_owned(), stop, fds, threads, _sockets: (tcp, udp) })
+        rt.spawn(async move {
+            let Ok(u) = tokio::net::UdpSocket::from_std(udp) else { return };
+            let mut buf = [0u8; 2048];
+            while let Ok((_, from)) = u.recv_from(&mut buf).await {
+                let _ = u.send_to(&reply, from).await;
+            }
+        });
+        Ok(Self { name: name.to_owned(), rt: Some(rt) })
     }
 }
 
 impl Drop for EchoServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for fd in &self.fds {
-            // SAFETY: shutting down sockets we own wakes blocked accept/recv.
-            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
-        }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_millis(200));
         }
     }
 }
