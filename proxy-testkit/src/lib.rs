@@ -196,7 +196,13 @@ impl EchoServer {
             udp.set_nonblocking(true)?;
             Ok((tcp, udp))
         })?;
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        // Keep the server on the last CPU, away from load generators pinned
+        // to the first (see pin_to_cpu).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .on_thread_start(|| pin_to_cpu(cpus().saturating_sub(1)))
+            .build()?;
         let reply: Arc<Vec<u8>> = Arc::new(format!("{name}\n").into_bytes());
         {
             let reply = reply.clone();
@@ -290,4 +296,36 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(20));
     }
     f()
+}
+
+/// Number of online CPUs.
+#[must_use]
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// Pins the calling thread to `cpu` (no-op on a single-CPU machine).
+pub fn pin_to_cpu(cpu: usize) {
+    if cpus() < 2 {
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity on this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set);
+    }
+}
+
+/// A TCP SYN frame (Ethernet/IPv4/TCP) for BPF_PROG_TEST_RUN.
+#[must_use]
+pub fn tcp_syn_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+    f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    f
 }

@@ -138,8 +138,17 @@ fn have(cmd: &str) -> bool {
 
 /// Runtime tools the tests and demo use.
 fn ensure_tools() -> anyhow::Result<()> {
+    ensure_packages(&[("ip", "iproute2"), ("nsenter", "util-linux"), ("bpftool", "bpftool")])
+}
+
+/// What the benchmark compares against: kube-proxy's rule loaders.
+pub fn ensure_bench_tools() -> anyhow::Result<()> {
+    ensure_packages(&[("iptables-restore", "iptables"), ("nft", "nftables")])
+}
+
+fn ensure_packages(tools: &[(&str, &str)]) -> anyhow::Result<()> {
     let mut missing = Vec::new();
-    for (cmd, pkg) in [("ip", "iproute2"), ("nsenter", "util-linux"), ("bpftool", "bpftool")] {
+    for &(cmd, pkg) in tools {
         if !have(cmd) {
             missing.push(pkg);
         }

@@ -36,6 +36,15 @@ enum Cmd {
     /// Demo: namespaces, three backends, the agent in standalone mode on
     /// examples/demo, requests to the ClusterIP, a map dump, teardown.
     Demo,
+    /// Benchmark ebpf against direct, iptables and nftables (needs root).
+    Bench {
+        /// Up to 10,000 Services, shorter runs (under 5 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// One small Service count, a few seconds (CI).
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 /// The workspace root.
@@ -87,6 +96,25 @@ fn main() -> anyhow::Result<()> {
             let mut a: Vec<&str> = vec!["test", "--workspace", "--exclude", "proxy-ebpf"];
             a.extend(args.iter().map(String::as_str));
             cargo(&a)
+        }
+        Cmd::Bench { quick, smoke } => {
+            require_root("bench")?;
+            bootstrap::run()?;
+            bootstrap::ensure_bench_tools()?;
+            cargo(&["build", "--release", "-p", "proxy-agent", "-p", "proxy-bench"])?;
+            let mut cmd = Command::new(target_dir().join("release/proxy-bench"));
+            cmd.arg("--root").arg(root());
+            if quick {
+                cmd.arg("--quick");
+            }
+            if smoke {
+                cmd.arg("--smoke");
+            }
+            let st = cmd.status().context("running proxy-bench")?;
+            if !st.success() {
+                bail!("benchmark failed ({st})");
+            }
+            Ok(())
         }
         Cmd::Demo => {
             require_root("demo")?;

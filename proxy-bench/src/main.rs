@@ -1,0 +1,428 @@
+//! Side-by-side datapath benchmark (run through `cargo xtask bench`).
+//!
+//! For each Service count and mode, a fresh namespace topology (client pod,
+//! node, two backend pods) is built, the mode's translation is loaded in the
+//! node namespace, and a bounded load generator in the client pod measures
+//! connection rate, persistent request/response rate and UDP request rate.
+//! Modes: direct (no translation), ebpf (our datapath, programmed through the
+//! agent's sync code), iptables and nftables (the rule structures kube-proxy
+//! writes, loaded with iptables-restore / nft -f).
+mod load;
+mod rules;
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use proxy_agent::{
+    agent::{Agent, AgentConfig},
+    datapath::{self, Datapath, DatapathConfig},
+    manifests::Objects,
+    metrics::Metrics,
+};
+use proxy_testkit::{EchoServer, Topology, tcp_syn_frame, unique_prefix};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+struct Opts {
+    /// Stop at 10,000 Services, shorter runs (under 5 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// One Service count, a few seconds: proves the benchmark still runs.
+    #[arg(long)]
+    smoke: bool,
+    /// Concurrent client connections.
+    #[arg(long, default_value_t = 2)]
+    concurrency: usize,
+    /// Print the iptables and nftables rule sets for this many Services and exit.
+    #[arg(long)]
+    print_rules: Option<usize>,
+    /// Where docs/benchmarks.md and the plot go (the workspace root).
+    #[arg(long)]
+    root: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    Direct,
+    Ebpf,
+    Iptables,
+    Nftables,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Ebpf => "ebpf",
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+        }
+    }
+}
+
+const BACKEND_PORT: u16 = 8080;
+/// The endpoint swapped in by the timed one-endpoint change.
+const CHANGED_EP: Ipv4Addr = Ipv4Addr::new(10, 200, 250, 2);
+
+/// VIP of Service `i` (the measured one is the last).
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96 + (i / 65_000) as u8, ((i % 65_000) / 250) as u8, (i % 250 + 1) as u8)
+}
+
+/// N Services with 2 endpoints each, as API objects.
+fn objects(n: usize, backends: &[Ipv4Addr]) -> Objects {
+    let mut y = String::with_capacity(n * 700);
+    for i in 0..n {
+        let v = vip(i);
+        let _ = write!(
+            y,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\nspec: {{clusterIP: {v}, ports: [{{name: http, port: 80, protocol: TCP, targetPort: {BACKEND_PORT}}}, {{name: udp, port: 53, protocol: UDP, targetPort: {BACKEND_PORT}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-a, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}, protocol: TCP}}, {{name: udp, port: {BACKEND_PORT}, protocol: UDP}}]\nendpoints:\n"
+        );
+        for b in backends {
+            let _ = writeln!(y, "- {{addresses: [\"{b}\"], conditions: {{ready: true}}}}");
+        }
+    }
+    proxy_agent::manifests::parse_str(&y, "bench").expect("generated objects parse")
+}
+
+#[derive(Debug, Default, Clone)]
+struct Sample {
+    mode: &'static str,
+    services: usize,
+    round: usize,
+    tcp_crr: load::Result,
+    tcp_rr: load::Result,
+    udp_rr: load::Result,
+    program_ms: f64,
+    change_ms: f64,
+    change_engine_ms: f64,
+    prog_hit_ns: f64,
+    prog_miss_ns: f64,
+}
+
+/// Loaded translation for one measurement; removed on drop.
+enum Loaded {
+    None,
+    Ebpf(Box<Agent>, DatapathConfig, Box<Datapath>),
+    Rules,
+}
+
+fn setup(mode: Mode, n: usize, topo: &Topology, s: &mut Sample) -> anyhow::Result<Loaded> {
+    let backends: Vec<Ipv4Addr> = topo.backends.iter().map(|b| b.ip).collect();
+    match mode {
+        Mode::Direct => Ok(Loaded::None),
+        Mode::Ebpf => {
+            let objs = objects(n, &backends);
+            let cfg = AgentConfig {
+                datapath: DatapathConfig { pin_dir_name: topo.prefix.clone(), ..Default::default() },
+                interfaces: vec!["veth*".into()],
+                node_name: "bench".into(),
+                node_ips: vec![],
+            };
+            let dcfg = cfg.datapath.clone();
+            let mut agent = topo.node.run(|| -> anyhow::Result<Agent> {
+                let mut a = Agent::start(cfg, std::sync::Arc::new(Metrics::default()))?;
+                a.attach_interfaces()?;
+                Ok(a)
+            })?;
+            let t = Instant::now();
+            let r = agent.apply(&objs.services, &objs.slices, &objs.nodes, t);
+            s.program_ms = t.elapsed().as_secs_f64() * 1e3;
+            if !r.failed.is_empty() {
+                bail!("programming failed: {:?}", &r.failed[..r.failed.len().min(3)]);
+            }
+            // One endpoint of the last Service changes.
+            let mut changed = objs.clone();
+            let last = changed.slices.last_mut().unwrap();
+            last.endpoints[0].addresses[0] = CHANGED_EP.to_string();
+            let t = Instant::now();
+            agent.apply(&changed.services, &changed.slices, &changed.nodes, t);
+            s.change_ms = t.elapsed().as_secs_f64() * 1e3;
+            // Engine only (diff + map writes, translation excluded): the
+            // same one-endpoint change, back to the original set.
+            let node = proxy_agent::agent::node_info(
+                &AgentConfig { datapath: dcfg.clone(), interfaces: vec![], node_name: "bench".into(), node_ips: vec![] },
+                &[],
+            );
+            let d0 = proxy_agent::translate::translate_all(&objs.services, &objs.slices, &node);
+            let mut engine = proxy_agent::sync::SyncEngine::adopt(datapath::PinnedMaps::open(&dcfg.pin_dir())?)?;
+            let t = Instant::now();
+            let r = engine.sync(&d0);
+            s.change_engine_ms = t.elapsed().as_secs_f64() * 1e3;
+            if r.writes + r.deletes == 0 {
+                bail!("the endpoint change wrote nothing");
+            }
+            // Per-packet cost with the kernel's own timing.
+            let mut dp = Datapath::load(&dcfg)?;
+            let hit = tcp_syn_frame(topo.clients[0].ip, vip(n - 1), 40000, 80);
+            let miss = tcp_syn_frame(topo.clients[0].ip, Ipv4Addr::new(10, 200, 100, 2), 40000, 9);
+            dp.test_run(&hit, 1)?;
+            s.prog_hit_ns = dp.test_run(&hit, 200_000)?.2.as_nanos() as f64;
+            s.prog_miss_ns = dp.test_run(&miss, 200_000)?.2.as_nanos() as f64;
+            Ok(Loaded::Ebpf(Box::new(agent), dcfg, Box::new(dp)))
+        }
+        Mode::Iptables => {
+            // The timed change swaps in an absent endpoint; a second change
+            // (untimed) restores the set before traffic is measured.
+            let (full, change) = rules::iptables(n, &backends, CHANGED_EP, "N");
+            let (_, revert) = rules::iptables(n, &backends, backends[0], "R");
+            s.program_ms = rules::load(topo, "iptables-restore", &[], &full)?;
+            s.change_ms = rules::load(topo, "iptables-restore", &["--noflush"], &change)?;
+            rules::load(topo, "iptables-restore", &["--noflush"], &revert)?;
+            s.change_engine_ms = s.change_ms;
+            Ok(Loaded::Rules)
+        }
+        Mode::Nftables => {
+            let (full, change) = rules::nftables(n, &backends, CHANGED_EP, "n");
+            let (_, revert) = rules::nftables(n, &backends, backends[0], "r");
+            s.program_ms = rules::load(topo, "nft", &["-f", "-"], &full)?;
+            s.change_ms = rules::load(topo, "nft", &["-f", "-"], &change)?;
+            rules::load(topo, "nft", &["-f", "-"], &revert)?;
+            s.change_engine_ms = s.change_ms;
+            Ok(Loaded::Rules)
+        }
+    }
+}
+
+fn measure(mode: Mode, n: usize, round: usize, opts: &Opts, secs: f64) -> anyhow::Result<Sample> {
+    // A fresh topology per measurement: TIME_WAIT sockets and conntrack
+    // entries from the previous one would skew this one.
+    let topo = Topology::build(&unique_prefix("bn"), 1, 2)?;
+    let _servers: Vec<EchoServer> =
+        topo.backends.iter().map(|b| EchoServer::start(&b.ns, &b.name, BACKEND_PORT)).collect::<anyhow::Result<_>>()?;
+    let mut s = Sample { mode: mode.name(), services: n, round, ..Sample::default() };
+    let loaded = setup(mode, n, &topo, &mut s);
+    let result = loaded.and_then(|loaded| {
+        let (tcp, udp) = if mode == Mode::Direct {
+            (SocketAddrV4::new(topo.backends[0].ip, BACKEND_PORT), SocketAddrV4::new(topo.backends[0].ip, BACKEND_PORT))
+        } else {
+            (SocketAddrV4::new(vip(n - 1), 80), SocketAddrV4::new(vip(n - 1), 53))
+        };
+        let d = Duration::from_secs_f64(secs);
+        let ns = &topo.clients[0].ns;
+        s.tcp_crr = load::run(ns, load::Kind::TcpCrr, tcp, opts.concurrency, d)?;
+        s.tcp_rr = load::run(ns, load::Kind::TcpRr, tcp, opts.concurrency, d)?;
+        s.udp_rr = load::run(ns, load::Kind::UdpRr, udp, opts.concurrency, d)?;
+        if let Loaded::Ebpf(agent, cfg, dp) = loaded {
+            drop(dp);
+            drop(agent);
+            datapath::cleanup(&cfg.pin_dir())?;
+        }
+        Ok(())
+    });
+    let _ = datapath::cleanup(&DatapathConfig { pin_dir_name: topo.prefix.clone(), ..Default::default() }.pin_dir());
+    result.with_context(|| format!("{} at {n} Services", mode.name()))?;
+    eprintln!(
+        "  {:<9} {:>6} svc  crr {:>8.0}/s  rr {:>8.0}/s  udp {:>8.0}/s  program {:>8.1} ms  change {:>6.2} ms",
+        s.mode, n, s.tcp_crr.rate, s.tcp_rr.rate, s.udp_rr.rate, s.program_ms, s.change_ms
+    );
+    Ok(s)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let opts = Opts::parse();
+    if let Some(n) = opts.print_rules {
+        let b = [Ipv4Addr::new(10, 200, 100, 2), Ipv4Addr::new(10, 200, 101, 2)];
+        let (full, change) = rules::iptables(n, &b, CHANGED_EP, "N");
+        println!("{full}\n# change\n{change}");
+        let (full, change) = rules::nftables(n, &b, CHANGED_EP, "n");
+        println!("{full}\n# change\n{change}");
+        return Ok(());
+    }
+    let counts: Vec<usize> = if opts.smoke {
+        vec![100]
+    } else if opts.quick {
+        vec![1, 1_000, 10_000]
+    } else {
+        vec![1, 1_000, 10_000, 50_000]
+    };
+    let rounds = if opts.smoke { 1 } else { 2 };
+    let secs = if opts.smoke { 0.5 } else if opts.quick { 1.5 } else { 3.0 };
+    let modes = [Mode::Direct, Mode::Ebpf, Mode::Iptables, Mode::Nftables];
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    // Interleaved: every mode once per round, rounds repeated (A B A B).
+    for round in 0..rounds {
+        for &n in &counts {
+            eprintln!("round {round}, {n} Services");
+            for mode in modes {
+                samples.push(measure(mode, n, round, &opts, secs)?);
+            }
+        }
+    }
+    let memory = load::memory(if opts.smoke { 100 } else { 10_000 }, 10)?;
+    let report = report(&opts, &counts, &samples, &memory, started.elapsed());
+    print!("{}", report.markdown);
+    let out = opts.root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&report.json)?)?;
+    if !opts.smoke {
+        std::fs::write(opts.root.join("docs/benchmarks.md"), &report.markdown)?;
+        std::fs::write(opts.root.join("docs/bench-rate.svg"), plot(&counts, &samples))?;
+    }
+    println!("{}", report.summary);
+    Ok(())
+}
+
+struct Report {
+    markdown: String,
+    json: serde_json::Value,
+    summary: String,
+}
+
+fn med(samples: &[Sample], mode: &str, n: usize, f: impl Fn(&Sample) -> f64) -> f64 {
+    let mut v: Vec<f64> = samples.iter().filter(|s| s.mode == mode && s.services == n).map(&f).collect();
+    median(&mut v)
+}
+
+fn report(opts: &Opts, counts: &[usize], samples: &[Sample], memory: &load::Memory, took: Duration) -> Report {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let date = proxy_testkit::run("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Run: `cargo xtask bench{}` on {} ({} CPUs), kernel {}, {}; took {:.0} s. Every figure is the median of {} interleaved rounds; each measurement uses a fresh namespace topology (client pod -> node -> 2 backend pods over veth), concurrency {}. The measured Service is the one added last. iptables is `{}`.\n",
+        if opts.quick { " --quick" } else if opts.smoke { " --smoke" } else { "" },
+        cpu,
+        proxy_testkit::cpus(),
+        kernel.trim(),
+        date.trim(),
+        took.as_secs_f64(),
+        if opts.smoke { 1 } else { 2 },
+        opts.concurrency,
+        proxy_testkit::run("iptables-restore", &["--version"]).unwrap_or_default().trim(),
+    );
+    let _ = writeln!(md, "## Data path (rates per second; latency in µs)\n");
+    let _ = writeln!(md, "| Services | mode | TCP conn/s | ×direct | ×iptables | p50 | p99 | TCP req/s (persistent) | ×direct | p99 | UDP req/s | ×direct | p99 |");
+    let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &n in counts {
+        let d_crr = med(samples, "direct", n, |s| s.tcp_crr.rate);
+        let i_crr = med(samples, "iptables", n, |s| s.tcp_crr.rate);
+        let d_rr = med(samples, "direct", n, |s| s.tcp_rr.rate);
+        let d_udp = med(samples, "direct", n, |s| s.udp_rr.rate);
+        for mode in ["direct", "ebpf", "iptables", "nftables"] {
+            let crr = med(samples, mode, n, |s| s.tcp_crr.rate);
+            let _ = writeln!(
+                md,
+                "| {n} | {mode} | {crr:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} |",
+                crr / d_crr,
+                crr / i_crr,
+                med(samples, mode, n, |s| s.tcp_crr.p50_us),
+                med(samples, mode, n, |s| s.tcp_crr.p99_us),
+                med(samples, mode, n, |s| s.tcp_rr.rate),
+                med(samples, mode, n, |s| s.tcp_rr.rate) / d_rr,
+                med(samples, mode, n, |s| s.tcp_rr.p99_us),
+                med(samples, mode, n, |s| s.udp_rr.rate),
+                med(samples, mode, n, |s| s.udp_rr.rate) / d_udp,
+                med(samples, mode, n, |s| s.udp_rr.p99_us),
+            );
+        }
+    }
+    let _ = writeln!(md, "\n## Per-packet cost of the TC program (BPF_PROG_TEST_RUN, 200,000 runs)\n");
+    let _ = writeln!(md, "| Services | service hit (tracked flow) ns | no-service miss ns |\n|---:|---:|---:|");
+    for &n in counts {
+        let _ = writeln!(md, "| {n} | {:.1} | {:.1} |", med(samples, "ebpf", n, |s| s.prog_hit_ns), med(samples, "ebpf", n, |s| s.prog_miss_ns));
+    }
+    let _ = writeln!(md, "\n## Control plane (ms)\n");
+    let _ = writeln!(md, "| Services | ebpf: program all (translate + sync) | iptables-restore all | nft -f all | ebpf: one endpoint change (translate + sync) | ebpf: change, sync engine only | iptables-restore --noflush change | nft change |");
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &n in counts {
+        let _ = writeln!(
+            md,
+            "| {n} | {:.1} | {:.1} | {:.1} | {:.2} | {:.3} | {:.2} | {:.2} |",
+            med(samples, "ebpf", n, |s| s.program_ms),
+            med(samples, "iptables", n, |s| s.program_ms),
+            med(samples, "nftables", n, |s| s.program_ms),
+            med(samples, "ebpf", n, |s| s.change_ms),
+            med(samples, "ebpf", n, |s| s.change_engine_ms),
+            med(samples, "iptables", n, |s| s.change_ms),
+            med(samples, "nftables", n, |s| s.change_ms),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n## Memory\n\nAgent (standalone, release build) at {} Services × {} endpoints: RSS {:.1} MB; BPF maps (memlock as the kernel accounts it): {:.1} MB.\n",
+        memory.services, memory.endpoints, memory.rss_mb, memory.maps_mb
+    );
+    let crr = |m: &str, n: usize| med(samples, m, n, |s| s.tcp_crr.rate);
+    let first = counts[0];
+    let big = if counts.contains(&10_000) { 10_000 } else { *counts.last().unwrap() };
+    let last = *counts.last().unwrap();
+    let worst_direct = counts.iter().map(|&n| crr("ebpf", n) / crr("direct", n)).fold(f64::INFINITY, f64::min);
+    let summary = format!(
+        "bench: ebpf/direct={:.2} ebpf/iptables@{k}={:.2} ebpf/nftables@{k}={:.2} ebpf@{l}/ebpf@{f}={:.2} program{k}_ms={:.0}",
+        worst_direct,
+        crr("ebpf", big) / crr("iptables", big),
+        crr("ebpf", big) / crr("nftables", big),
+        crr("ebpf", last) / crr("ebpf", first),
+        med(samples, "ebpf", big, |s| s.program_ms),
+        k = short(big),
+        l = short(last),
+        f = short(first),
+    );
+    let _ = writeln!(md, "Summary (ebpf/direct is the worst Service count): `{summary}`\n");
+    let _ = writeln!(md, "![TCP connection rate against Service count](bench-rate.svg)\n");
+    let raw: Vec<serde_json::Value> = samples
+        .iter()
+        .map(|s| {
+            json!({"mode": s.mode, "services": s.services, "round": s.round,
+                "tcp_crr": s.tcp_crr.json(), "tcp_rr": s.tcp_rr.json(), "udp_rr": s.udp_rr.json(),
+                "program_ms": s.program_ms, "change_ms": s.change_ms, "change_engine_ms": s.change_engine_ms,
+                "prog_hit_ns": s.prog_hit_ns, "prog_miss_ns": s.prog_miss_ns})
+        })
+        .collect();
+    let json = json!({"kernel": kernel.trim(), "date": date.trim(), "samples": raw,
+        "memory": {"services": memory.services, "endpoints": memory.endpoints, "rss_mb": memory.rss_mb, "maps_mb": memory.maps_mb},
+        "summary": summary});
+    Report { markdown: md, json, summary }
+}
+
+fn short(n: usize) -> String {
+    if n >= 1000 && n % 1000 == 0 { format!("{}k", n / 1000) } else { n.to_string() }
+}
+
+/// A small SVG line chart: TCP connection rate against Service count.
+fn plot(counts: &[usize], samples: &[Sample]) -> String {
+    let (w, h, pad) = (640.0, 360.0, 50.0);
+    let modes = [("direct", "#555"), ("ebpf", "#1f77b4"), ("iptables", "#d62728"), ("nftables", "#2ca02c")];
+    let max = samples.iter().map(|s| s.tcp_crr.rate).fold(1.0, f64::max) * 1.1;
+    let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (counts.len().max(2) - 1) as f64;
+    let y = |v: f64| h - pad - (h - 2.0 * pad) * v / max;
+    let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
+    let _ = writeln!(svg, "<text x=\"{}\" y=\"20\" text-anchor=\"middle\">TCP connections/s (one request each) vs Services</text>", w / 2.0);
+    let _ = writeln!(svg, "<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>", h - pad, w - pad, h - pad);
+    let _ = writeln!(svg, "<line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>", h - pad);
+    for (i, n) in counts.iter().enumerate() {
+        let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{n}</text>", x(i), h - pad + 16.0);
+    }
+    for k in 0..=4 {
+        let v = max * f64::from(k) / 4.0;
+        let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.0}</text>", pad - 4.0, y(v) + 4.0, v);
+    }
+    for (j, (mode, color)) in modes.iter().enumerate() {
+        let pts: Vec<String> = counts.iter().enumerate().map(|(i, &n)| format!("{:.1},{:.1}", x(i), y(med(samples, mode, n, |s| s.tcp_crr.rate)))).collect();
+        let _ = writeln!(svg, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>", pts.join(" "));
+        let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{mode}</text>", w - pad - 60.0, pad + 14.0 * j as f64);
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
