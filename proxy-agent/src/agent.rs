@@ -36,6 +36,7 @@ pub struct Agent {
     metrics: Arc<Metrics>,
     attached: BTreeSet<String>,
     last_skipped: BTreeSet<Skip>,
+    last_failed: BTreeSet<(String, String)>,
 }
 
 /// This node's translation inputs: the Node object when there is one,
@@ -68,7 +69,7 @@ impl Agent {
         let engine = SyncEngine::adopt(maps)?;
         let (f, b) = engine.counts();
         tracing::info!(frontends = f, backends = b, pin_dir = %cfg.datapath.pin_dir().display(), "datapath loaded, maps adopted");
-        Ok(Self { cfg, datapath, engine, metrics, attached: BTreeSet::new(), last_skipped: BTreeSet::new() })
+        Ok(Self { cfg, datapath, engine, metrics, attached: BTreeSet::new(), last_skipped: BTreeSet::new(), last_failed: BTreeSet::new() })
     }
 
     /// Attaches to every matching interface not attached yet. Errors are
@@ -111,6 +112,16 @@ impl Agent {
         let node = node_info(&self.cfg, nodes);
         let desired = translate::translate_all(services, slices, &node);
         let report = self.engine.sync(&desired);
+        let udp_gone: BTreeSet<u32> = report
+            .removed_backends
+            .iter()
+            .filter(|(_, b)| b.proto == proxy_common::IPPROTO_UDP)
+            .map(|(id, _)| *id)
+            .collect();
+        let flushed = self.engine.maps_mut().flush_conntrack(&udp_gone);
+        if flushed > 0 {
+            tracing::info!(entries = flushed, backends = udp_gone.len(), "flushed conntrack of removed UDP backends");
+        }
         let now = Instant::now();
         self.metrics.observe_sync(now - start);
         if report.writes + report.deletes > 0 {
@@ -135,9 +146,12 @@ impl Agent {
         }
         self.metrics.set_skipped(by_reason);
         self.last_skipped = now;
-        for (owner, err) in &report.failed {
-            tracing::warn!(object = %owner, error = %err, "could not program");
+        // Warn once per (object, error), not on every sync.
+        let failed: BTreeSet<(String, String)> = report.failed.iter().cloned().collect();
+        for (owner, err) in failed.difference(&self.last_failed) {
+            tracing::warn!(object = %owner, error = %err, "could not program; other Services are unaffected");
         }
+        self.last_failed = failed;
         self.metrics.sync_errors.fetch_add(report.failed.len() as u64, Ordering::Relaxed);
         self.metrics.frontends.store(report.frontends as u64, Ordering::Relaxed);
         self.metrics.backends.store(report.backends as u64, Ordering::Relaxed);

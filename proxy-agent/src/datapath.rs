@@ -222,6 +222,7 @@ fn open_pinned(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
 pub struct PinnedMaps {
     services: AyaHashMap<MapData, ServiceKey, ServiceValue>,
     backends: AyaHashMap<MapData, u32, Backend>,
+    ct: AyaHashMap<MapData, CtKey, CtValue>,
 }
 
 impl PinnedMaps {
@@ -229,7 +230,31 @@ impl PinnedMaps {
         Ok(Self {
             services: AyaHashMap::try_from(open_pinned(pin_dir, MAP_SERVICES)?)?,
             backends: AyaHashMap::try_from(open_pinned(pin_dir, MAP_BACKENDS)?)?,
+            ct: AyaHashMap::try_from(open_pinned(pin_dir, MAP_CT)?)?,
         })
+    }
+
+    /// Deletes every conntrack entry (both directions) of flows to the given
+    /// backends. kube-proxy does this for UDP endpoints that go away, so a
+    /// client reusing its source port is not blackholed to a dead pod.
+    pub fn flush_conntrack(&mut self, backend_ids: &std::collections::BTreeSet<u32>) -> usize {
+        if backend_ids.is_empty() {
+            return 0;
+        }
+        let stale: Vec<CtKey> = self
+            .ct
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| backend_ids.contains(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        let mut n = 0;
+        for k in stale {
+            if self.ct.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        n
     }
 }
 

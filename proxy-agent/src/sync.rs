@@ -57,6 +57,8 @@ pub struct SyncReport {
     pub backends: usize,
     /// Frontends that could not be (fully) programmed: owner and reason.
     pub failed: Vec<(String, String)>,
+    /// Backends deleted by this sync (no frontend refers to them any more).
+    pub removed_backends: Vec<(u32, Backend)>,
 }
 
 pub struct SyncEngine<M: MapOps> {
@@ -177,6 +179,7 @@ impl<M: MapOps> SyncEngine<M> {
                     report.deletes += 1;
                     if let Some(b) = self.backends.remove(&id) {
                         self.backend_ids.remove(&b);
+                        report.removed_backends.push((id, b));
                     }
                 }
                 Err(e) => report.failed.push((format!("backend {id}"), e.to_string())),

@@ -27,6 +27,11 @@ pub struct Env {
 
 impl Env {
     pub fn new(tag: &str, clients: usize, backends: usize) -> Self {
+        Self::with_node_ips(tag, clients, backends, vec![])
+    }
+
+    /// Like [`Env::new`], with NodePort addresses for the agent.
+    pub fn with_node_ips(tag: &str, clients: usize, backends: usize, node_ips: Vec<std::net::IpAddr>) -> Self {
         require_root();
         let prefix = unique_prefix(tag);
         let topo = Topology::build(&prefix, clients, backends).expect("building topology");
@@ -39,7 +44,7 @@ impl Env {
             datapath: DatapathConfig { pin_dir_name: prefix.clone(), max_conntrack: 65536, ..Default::default() },
             interfaces: vec!["veth*".into()],
             node_name: "node-a".into(),
-            node_ips: vec![],
+            node_ips,
         };
         let mut env = Env { agent: None, servers, cfg: cfg.clone(), topo };
         let agent = env.topo.node.run(|| {

@@ -164,3 +164,119 @@ fn thousand_services_programmed_at_once_all_answer() {
         assert_eq!(peer, SocketAddr::from(sa(vip, 80)));
     }
 }
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_one_backend() {
+    let mut env = Env::new("g", 1, 3);
+    let ports = [(80, "TCP")];
+    let yaml = service("sticky", "10.96.0.30", &ports, "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n")
+        + &slice("sticky", "sticky-1", &ports, &[env.backend_ip(0), env.backend_ip(1), env.backend_ip(2)]);
+    env.apply(&yaml);
+    let answers: Vec<String> =
+        (0..30).map(|_| tcp_request(env.client(0), sa(Ipv4Addr::new(10, 96, 0, 30), 80), T).unwrap().0).collect();
+    assert!(answers.iter().all(|a| a == &answers[0]), "every new connection goes to the affine backend: {answers:?}");
+}
+
+#[test]
+fn nodeport_on_the_node_address() {
+    let node_ip = Ipv4Addr::new(10, 200, 0, 1); // the node's address facing the client
+    let mut env = Env::with_node_ips("h", 1, 2, vec![node_ip.into()]);
+    let ports = [(80, "TCP")];
+    let svc = service("np", "10.96.0.40", &ports, "")
+        .replace("type: ClusterIP", "type: NodePort")
+        .replace("targetPort: 8080\n", "targetPort: 8080\n    nodePort: 30080\n");
+    env.apply(&(svc + &slice("np", "np-1", &ports, &[env.backend_ip(0), env.backend_ip(1)])));
+    let (answer, peer) = tcp_request(env.client(0), sa(node_ip, 30080), T).expect("NodePort through the node address");
+    assert!(answer == "b0" || answer == "b1", "{answer}");
+    assert_eq!(peer, SocketAddr::from(sa(node_ip, 30080)));
+    // The ClusterIP of the same Service works too.
+    assert!(tcp_request(env.client(0), sa(Ipv4Addr::new(10, 96, 0, 40), 80), T).is_ok());
+}
+
+#[test]
+fn rolling_endpoint_replacement_fails_no_request() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    };
+    let mut env = Env::new("i", 1, 3);
+    let ports = [(80, "TCP")];
+    let b = |env: &Env, idx: &[usize]| -> String {
+        let ips: Vec<Ipv4Addr> = idx.iter().map(|i| env.backend_ip(*i)).collect();
+        service("roll", "10.96.0.50", &ports, "") + &slice("roll", "roll-1", &ports, &ips)
+    };
+    env.apply(&b(&env, &[0]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let seen = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u32>::new()));
+    let client = env.topo.clients[0].ns.name.clone();
+    let stream = {
+        let (stop, ok, failed, seen) = (stop.clone(), ok.clone(), failed.clone(), seen.clone());
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd as _;
+            let f = std::fs::File::open(format!("/run/netns/{client}")).unwrap();
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let end = Instant::now() + Duration::from_secs(30);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end && n < 50_000 {
+                n += 1;
+                let r = (|| -> std::io::Result<String> {
+                    use std::io::{Read as _, Write as _};
+                    let mut s = std::net::TcpStream::connect_timeout(&sa(Ipv4Addr::new(10, 96, 0, 50), 80).into(), T)?;
+                    s.set_read_timeout(Some(T))?;
+                    s.write_all(b"x\n")?;
+                    let mut buf = [0u8; 16];
+                    let k = s.read(&mut buf)?;
+                    Ok(String::from_utf8_lossy(&buf[..k]).trim().to_owned())
+                })();
+                match r {
+                    Ok(who) if !who.is_empty() => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        *seen.lock().unwrap().entry(who).or_default() += 1;
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    // A rolling update: one endpoint in, one out, repeatedly.
+    for step in [&[0, 1][..], &[1], &[1, 2], &[2], &[2, 0], &[0], &[0, 1, 2], &[2]] {
+        std::thread::sleep(Duration::from_millis(150));
+        env.apply(&b(&env, step));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    stop.store(true, Ordering::Relaxed);
+    stream.join().unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 100, "progress: {ok}");
+    assert_eq!(failed, 0, "no failed request during the rolling replacement ({ok} ok)");
+    assert_eq!(seen.lock().unwrap().len(), 3, "every backend served at some point: {:?}", seen.lock().unwrap());
+}
+
+#[test]
+fn removing_a_udp_backend_flushes_its_flows() {
+    let mut env = Env::new("j", 1, 2);
+    let ports = [(53, "UDP")];
+    let mk = |env: &Env, idx: &[usize]| -> String {
+        let ips: Vec<Ipv4Addr> = idx.iter().map(|i| env.backend_ip(*i)).collect();
+        service("dns", "10.96.0.60", &ports, "") + &slice("dns", "dns-1", &ports, &ips)
+    };
+    env.apply(&mk(&env, &[0, 1]));
+    // One long-lived UDP flow (fixed source port).
+    let sock = env.client(0).run(|| std::net::UdpSocket::bind("0.0.0.0:0")).unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    sock.connect(sa(Ipv4Addr::new(10, 96, 0, 60), 53)).unwrap();
+    let ask = || {
+        sock.send(b"q").unwrap();
+        let mut buf = [0u8; 16];
+        let n = sock.recv(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).trim().to_owned()
+    };
+    let first = ask();
+    assert_eq!(ask(), first, "the flow is sticky");
+    let keep = if first == "b0" { 1 } else { 0 };
+    env.apply(&mk(&env, &[keep]));
+    assert_eq!(ask(), format!("b{keep}"), "after its backend is removed the flow moves to a live one");
+}

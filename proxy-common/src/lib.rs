@@ -108,6 +108,8 @@ pub struct CtValue {
     pub _pad: u8,           // zero
     pub backend_id: u32,    // backend chosen for this flow
     pub last_seen_ns: u64,  // bpf_ktime_get_ns() when last refreshed
+    pub ifindex: u32,       // reply: interface the client's packets came in on
+    pub _pad2: u32,         // zero
 }
 
 /// Entry is the reply direction (rewrite the source back to the frontend).
@@ -224,7 +226,7 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceValue>() == 16);
     assert!(core::mem::size_of::<Backend>() == 20);
     assert!(core::mem::size_of::<CtKey>() == 40);
-    assert!(core::mem::size_of::<CtValue>() == 32);
+    assert!(core::mem::size_of::<CtValue>() == 40);
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
 };

@@ -1,6 +1,6 @@
 //! Connection tracking: forward entries pin a flow to its backend, reply
 //! entries let answers be rewritten back to the frontend.
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect_neigh, programs::TcContext};
 use proxy_common::{
     CT_F_CLOSING, CT_F_REPLY, CT_LIFETIME_NONTCP_NS, CT_LIFETIME_TCP_CLOSING_NS,
     CT_LIFETIME_TCP_NS, CT_REFRESH_NS, CtKey, CtValue, v4_mapped, v4_of_mapped,
@@ -68,7 +68,7 @@ pub fn forward_lookup(pkt: &Packet, now: u64) -> Option<([u8; 4], u16)> {
 
 /// Records a new flow to `backend` (forward and reply entries).
 #[inline(always)]
-pub fn create(pkt: &Packet, backend_id: u32, baddr: [u8; 4], bport: u16, now: u64) -> Result<(), ()> {
+pub fn create(pkt: &Packet, backend_id: u32, baddr: [u8; 4], bport: u16, now: u64, ifindex: u32) -> Result<(), ()> {
     let closing = if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 { CT_F_CLOSING } else { 0 };
     let fwd_key = key_of(pkt);
     let fwd = CtValue {
@@ -78,6 +78,8 @@ pub fn create(pkt: &Packet, backend_id: u32, baddr: [u8; 4], bport: u16, now: u6
         _pad: 0,
         backend_id,
         last_seen_ns: now,
+        ifindex: 0,
+        _pad2: 0,
     };
     let rev_key = CtKey {
         saddr: v4_mapped(baddr),
@@ -94,27 +96,39 @@ pub fn create(pkt: &Packet, backend_id: u32, baddr: [u8; 4], bport: u16, now: u6
         _pad: 0,
         backend_id,
         last_seen_ns: now,
+        ifindex,
+        _pad2: 0,
     };
     // Reply entry first: a forward entry without it would blackhole replies.
     CT.insert(&rev_key, &rev, 0).map_err(|_| ())?;
     CT.insert(&fwd_key, &fwd, 0).map_err(|_| ())
 }
 
-/// Rewrites the source of a reply from a backend back to the frontend.
-/// Returns whether the packet belonged to a tracked flow.
+/// Rewrites the source of a reply from a backend back to the frontend and
+/// sends it straight to the interface the client's packets came in on.
+/// Returns the verdict, or `None` when the packet belongs to no tracked flow.
+///
+/// The reply is redirected (with a neighbour lookup) instead of handed to
+/// the stack: a rewritten source that is one of the node's own addresses (a
+/// NodePort) would be dropped there as a martian, and skipping the second
+/// routing pass is cheaper anyway.
 #[inline(always)]
-pub fn reply_nat(ctx: &TcContext, pkt: &Packet) -> Result<bool, ()> {
+pub fn reply_nat(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, ()> {
     let key = key_of(pkt);
     // SAFETY: copied out at once.
     let Some(v) = (unsafe { CT.get(&key) }).copied() else {
-        return Ok(false);
+        return Ok(None);
     };
     if v.flags & CT_F_REPLY == 0 {
-        return Ok(false);
+        return Ok(None);
     }
     let Some(addr) = v4_of_mapped(&v.nat_addr) else {
-        return Ok(false);
+        return Ok(None);
     };
     rewrite(ctx, pkt, Side::Src, addr, v.nat_port)?;
-    Ok(true)
+    if v.ifindex == 0 {
+        return Ok(Some(TC_ACT_OK));
+    }
+    // SAFETY: helper call with no parameters block.
+    Ok(Some(unsafe { bpf_redirect_neigh(v.ifindex, core::ptr::null_mut(), 0, 0) } as i32))
 }

@@ -62,7 +62,9 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, svc: &(ServiceKey, ServiceValue)) 
         count(Stat::DropBackendMissing);
         return Ok(TC_ACT_SHOT);
     };
-    if ct::create(pkt, backend_id, baddr, backend.port, now).is_err() {
+    // SAFETY: reading the ingress ifindex of the skb we were handed.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if ct::create(pkt, backend_id, baddr, backend.port, now, ifindex).is_err() {
         // Fail closed: without a reply entry the answer could not be
         // reverse-NATed and the client would see a stray source.
         count(Stat::DropCtFull);

@@ -50,9 +50,9 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     if let Some(svc) = lb::lookup_frontend(&pkt) {
         return lb::forward(ctx, &pkt, &svc);
     }
-    if ct::reply_nat(ctx, &pkt)? {
+    if let Some(verdict) = ct::reply_nat(ctx, &pkt)? {
         count(Stat::ReplyNat);
-        return Ok(TC_ACT_OK);
+        return Ok(verdict);
     }
     count(Stat::PassNoService);
     Ok(TC_ACT_OK)

@@ -79,6 +79,24 @@ pub fn require_root(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn bench(quick: bool, smoke: bool) -> anyhow::Result<()> {
+    bootstrap::ensure_bench_tools()?;
+    cargo(&["build", "--release", "-p", "proxy-agent", "-p", "proxy-bench"])?;
+    let mut cmd = Command::new(target_dir().join("release/proxy-bench"));
+    cmd.arg("--root").arg(root());
+    if quick {
+        cmd.arg("--quick");
+    }
+    if smoke {
+        cmd.arg("--smoke");
+    }
+    let st = cmd.status().context("running proxy-bench")?;
+    if !st.success() {
+        bail!("benchmark failed ({st})");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Bootstrap => bootstrap::run(),
@@ -95,26 +113,18 @@ fn main() -> anyhow::Result<()> {
             bootstrap::run()?;
             let mut a: Vec<&str> = vec!["test", "--workspace", "--exclude", "proxy-ebpf"];
             a.extend(args.iter().map(String::as_str));
-            cargo(&a)
+            cargo(&a)?;
+            if args.is_empty() {
+                // The benchmark must not rot: one small run, a few seconds.
+                eprintln!("== benchmark smoke run");
+                bench(false, true)?;
+            }
+            Ok(())
         }
         Cmd::Bench { quick, smoke } => {
             require_root("bench")?;
             bootstrap::run()?;
-            bootstrap::ensure_bench_tools()?;
-            cargo(&["build", "--release", "-p", "proxy-agent", "-p", "proxy-bench"])?;
-            let mut cmd = Command::new(target_dir().join("release/proxy-bench"));
-            cmd.arg("--root").arg(root());
-            if quick {
-                cmd.arg("--quick");
-            }
-            if smoke {
-                cmd.arg("--smoke");
-            }
-            let st = cmd.status().context("running proxy-bench")?;
-            if !st.success() {
-                bail!("benchmark failed ({st})");
-            }
-            Ok(())
+            bench(quick, smoke)
         }
         Cmd::Demo => {
             require_root("demo")?;
