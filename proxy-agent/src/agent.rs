@@ -37,6 +37,7 @@ pub struct Agent {
     attached: BTreeSet<String>,
     last_skipped: BTreeSet<Skip>,
     last_failed: BTreeSet<(String, String)>,
+    cache: translate::TranslationCache,
 }
 
 /// This node's translation inputs: the Node object when there is one,
@@ -69,7 +70,7 @@ impl Agent {
         let engine = SyncEngine::adopt(maps)?;
         let (f, b) = engine.counts();
         tracing::info!(frontends = f, backends = b, pin_dir = %cfg.datapath.pin_dir().display(), "datapath loaded, maps adopted");
-        Ok(Self { cfg, datapath, engine, metrics, attached: BTreeSet::new(), last_skipped: BTreeSet::new(), last_failed: BTreeSet::new() })
+        Ok(Self { cfg, datapath, engine, metrics, attached: BTreeSet::new(), last_skipped: BTreeSet::new(), last_failed: BTreeSet::new(), cache: translate::TranslationCache::default() })
     }
 
     /// Attaches to every matching interface not attached yet. Errors are
@@ -110,7 +111,7 @@ impl Agent {
     pub fn apply(&mut self, services: &[Service], slices: &[EndpointSlice], nodes: &[Node], seen_at: Instant) -> SyncReport {
         let start = Instant::now();
         let node = node_info(&self.cfg, nodes);
-        let desired = translate::translate_all(services, slices, &node);
+        let desired = translate::translate_all_cached(services, slices, &node, &mut self.cache);
         let report = self.engine.sync(&desired);
         let udp_gone: BTreeSet<u32> = report
             .removed_backends
@@ -155,7 +156,7 @@ impl Agent {
         self.metrics.sync_errors.fetch_add(report.failed.len() as u64, Ordering::Relaxed);
         self.metrics.frontends.store(report.frontends as u64, Ordering::Relaxed);
         self.metrics.backends.store(report.backends as u64, Ordering::Relaxed);
-        let entries = self.engine.maps().services().map(|v| v.len()).unwrap_or(0);
+        let entries = self.engine.service_entries();
         self.metrics.set_map_fill(proxy_common::MAP_SERVICES, entries as u64, u64::from(self.cfg.datapath.max_services));
         self.metrics.set_map_fill(proxy_common::MAP_BACKENDS, report.backends as u64, u64::from(self.cfg.datapath.max_backends));
         if report.writes + report.deletes > 0 {
@@ -169,5 +170,3 @@ impl Agent {
         }
     }
 }
-
-use crate::sync::MapOps as _;

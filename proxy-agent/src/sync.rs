@@ -144,6 +144,12 @@ impl<M: MapOps> SyncEngine<M> {
         &mut self.maps
     }
 
+    /// Entries the services map holds (frontends plus their slots).
+    #[must_use]
+    pub fn service_entries(&self) -> usize {
+        self.frontends.values().map(|p| 1 + p.slots.len()).sum()
+    }
+
     /// Number of programmed frontends and backends.
     #[must_use]
     pub fn counts(&self) -> (usize, usize) {

@@ -452,29 +452,84 @@ pub struct Desired {
     pub skipped: Vec<Skip>,
 }
 
+/// Per-Service translations keyed by the resourceVersions of the Service and
+/// its EndpointSlices, so a change to one Service re-translates only that
+/// Service. Objects without resourceVersions (standalone files) are always
+/// translated afresh.
+#[derive(Default)]
+pub struct TranslationCache {
+    node: Option<NodeInfo>,
+    entries: std::collections::HashMap<(String, String), (String, Translation)>,
+}
+
+fn fingerprint(svc: &Service, slices: &[&EndpointSlice]) -> Option<String> {
+    let mut f = svc.metadata.resource_version.clone()?;
+    let mut rvs: Vec<(&str, &str)> = Vec::with_capacity(slices.len());
+    for s in slices {
+        rvs.push((s.metadata.name.as_deref()?, s.metadata.resource_version.as_deref()?));
+    }
+    rvs.sort_unstable();
+    for (n, rv) in rvs {
+        f.push('|');
+        f.push_str(n);
+        f.push('=');
+        f.push_str(rv);
+    }
+    Some(f)
+}
+
 /// Translates every Service. Two Services claiming the same frontend address
 /// (an API-level conflict) are resolved deterministically: the first by
 /// namespace/name keeps it, the other is reported.
 #[must_use]
 pub fn translate_all(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> Desired {
-    let mut by_owner: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    translate_all_cached(services, slices, node, &mut TranslationCache::default())
+}
+
+/// [`translate_all`] reusing unchanged Services' translations from `cache`.
+pub fn translate_all_cached(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeInfo,
+    cache: &mut TranslationCache,
+) -> Desired {
+    if cache.node.as_ref() != Some(node) {
+        cache.entries.clear();
+        cache.node = Some(node.clone());
+    }
+    let mut by_owner: std::collections::HashMap<(&str, &str), Vec<&EndpointSlice>> =
+        std::collections::HashMap::with_capacity(services.len());
     for s in slices {
         if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-            let ns = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-            by_owner.entry((ns, svc.clone())).or_default().push(s);
+            let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+            by_owner.entry((ns, svc.as_str())).or_default().push(s);
         }
     }
     let mut sorted: Vec<&Service> = services.iter().collect();
-    sorted.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
+    sorted.sort_by(|a, b| {
+        (a.metadata.namespace.as_deref(), a.metadata.name.as_deref())
+            .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()))
+    });
     let mut desired = Desired::default();
+    let mut live: std::collections::HashSet<(String, String)> = std::collections::HashSet::with_capacity(services.len());
     for svc in sorted {
-        let key = (
-            svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
-            svc.metadata.name.clone().unwrap_or_default(),
-        );
+        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
         let empty = Vec::new();
-        let svc_slices = by_owner.get(&key).unwrap_or(&empty);
-        let t = translate_service(svc, svc_slices, node);
+        let svc_slices = by_owner.get(&(ns, name)).unwrap_or(&empty);
+        let key = (ns.to_owned(), name.to_owned());
+        let fp = fingerprint(svc, svc_slices);
+        let t = match (&fp, cache.entries.get(&key)) {
+            (Some(fp), Some((cached_fp, t))) if fp == cached_fp => t.clone(),
+            _ => {
+                let t = translate_service(svc, svc_slices, node);
+                if let Some(fp) = fp {
+                    cache.entries.insert(key.clone(), (fp, t.clone()));
+                }
+                t
+            }
+        };
+        live.insert(key);
         for fe in t.frontends {
             if let Some(existing) = desired.frontends.get(&fe.addr) {
                 desired.skipped.push(Skip {
@@ -490,5 +545,6 @@ pub fn translate_all(services: &[Service], slices: &[EndpointSlice], node: &Node
         }
         desired.skipped.extend(t.skipped);
     }
+    cache.entries.retain(|k, _| live.contains(k));
     desired
 }

@@ -71,3 +71,28 @@ fn manifests_accept_lists_and_json() {
     assert_eq!(objs.services.len(), 1);
     assert!(manifests::parse_str("kind: Service\nmetadata: {name: x}\nspec: {ports: 7}\n", "bad").is_err());
 }
+
+#[test]
+fn cached_translation_equals_fresh_translation() {
+    use proxy_agent::translate::{TranslationCache, translate_all_cached};
+    let mut y = String::new();
+    for i in 0..50 {
+        y += &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: n, resourceVersion: \"{i}\"}}\nspec: {{clusterIP: 10.96.1.{i}, ports: [{{port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-a, namespace: n, resourceVersion: \"{i}\", labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{port: 80, protocol: TCP}}]\nendpoints: [{{addresses: [10.1.0.{i}]}}]\n"
+        );
+    }
+    let mut objs = manifests::parse_str(&y, "gen").unwrap();
+    let node = NodeInfo { name: "node-a".into(), zone: None, addresses: vec![] };
+    let mut cache = TranslationCache::default();
+    assert_eq!(translate_all_cached(&objs.services, &objs.slices, &node, &mut cache), translate_all(&objs.services, &objs.slices, &node));
+    // One slice changes (new resourceVersion): only that Service differs.
+    objs.slices[7].endpoints[0].addresses[0] = "10.2.2.2".into();
+    objs.slices[7].metadata.resource_version = Some("1007".into());
+    // One Service goes away.
+    objs.services.remove(3);
+    let cached = translate_all_cached(&objs.services, &objs.slices, &node, &mut cache);
+    let fresh = translate_all(&objs.services, &objs.slices, &node);
+    assert_eq!(cached, fresh);
+    assert!(fresh.frontends.values().any(|f| f.backends.iter().any(|b| b.ip.to_string() == "10.2.2.2")));
+    assert_eq!(fresh.frontends.len(), 49);
+}

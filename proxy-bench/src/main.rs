@@ -82,7 +82,7 @@ fn objects(n: usize, backends: &[Ipv4Addr]) -> Objects {
         let v = vip(i);
         let _ = write!(
             y,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\nspec: {{clusterIP: {v}, ports: [{{name: http, port: 80, protocol: TCP, targetPort: {BACKEND_PORT}}}, {{name: udp, port: 53, protocol: UDP, targetPort: {BACKEND_PORT}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-a, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}, protocol: TCP}}, {{name: udp, port: {BACKEND_PORT}, protocol: UDP}}]\nendpoints:\n"
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench, resourceVersion: \"1\"}}\nspec: {{clusterIP: {v}, ports: [{{name: http, port: 80, protocol: TCP, targetPort: {BACKEND_PORT}}}, {{name: udp, port: 53, protocol: UDP, targetPort: {BACKEND_PORT}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-a, namespace: bench, resourceVersion: \"1\", labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}, protocol: TCP}}, {{name: udp, port: {BACKEND_PORT}, protocol: UDP}}]\nendpoints:\n"
         );
         for b in backends {
             let _ = writeln!(y, "- {{addresses: [\"{b}\"], conditions: {{ready: true}}}}");
@@ -141,6 +141,7 @@ fn setup(mode: Mode, n: usize, topo: &Topology, s: &mut Sample) -> anyhow::Resul
             let mut changed = objs.clone();
             let last = changed.slices.last_mut().unwrap();
             last.endpoints[0].addresses[0] = CHANGED_EP.to_string();
+            last.metadata.resource_version = Some("2".into());
             let t = Instant::now();
             agent.apply(&changed.services, &changed.slices, &changed.nodes, t);
             s.change_ms = t.elapsed().as_secs_f64() * 1e3;
