@@ -91,7 +91,7 @@ impl Agent {
             }
         }
         self.attached.retain(|a| names.contains(a));
-        if self.attached.is_empty() {
+        if names.is_empty() {
             tracing::warn!(patterns = ?self.cfg.interfaces, "no interface matches --interfaces; no traffic is translated");
         }
         Ok(n)

@@ -1,7 +1,7 @@
 //! Loading, pinning and attaching the eBPF datapath, and map access.
 //!
 //! Maps are pinned under `<bpffs>/<pin dir>/<map name>` and links under
-//! `<pin dir>/links/<interface>`. A restarted agent opens the pinned maps
+//! `<pin dir>/links/in_<interface>` and `eg_<interface>`. A restarted agent opens the pinned maps
 //! (keeping services, backends and conntrack) and atomically replaces the
 //! program behind each pinned tcx link, so no packet meets a detached hook.
 use std::{
@@ -24,7 +24,7 @@ use aya::{
 };
 use proxy_common::{
     ALL_MAPS, Backend, CtKey, CtValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_STATS,
-    PROG_TC_INGRESS, STAT_COUNT, ServiceKey, ServiceValue, Stat,
+    PROG_TC_EGRESS, PROG_TC_INGRESS, STAT_COUNT, ServiceKey, ServiceValue, Stat,
 };
 
 use crate::sync::{MapError, MapOps};
@@ -122,16 +122,22 @@ impl Datapath {
             "loading the eBPF object failed (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF); \
              if a pinned map has an incompatible layout, run `proxy-agent cleanup`",
         )?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_TC_INGRESS)
-            .ok_or_else(|| anyhow!("program {PROG_TC_INGRESS} missing from the object"))?
-            .try_into()?;
-        prog.load().context("the verifier rejected the TC program")?;
+        for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("the verifier rejected the TC program {name}"))?;
+        }
         Ok(Self { ebpf, cfg: cfg.clone() })
     }
 
     fn program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
-        Ok(self.ebpf.program_mut(PROG_TC_INGRESS).ok_or_else(|| anyhow!("program missing"))?.try_into()?)
+        self.program_named(PROG_TC_INGRESS)
+    }
+
+    fn program_named(&mut self, name: &str) -> anyhow::Result<&mut SchedClassifier> {
+        Ok(self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?)
     }
 
     /// Runs the ingress program on `packet` with `BPF_PROG_TEST_RUN`.
@@ -152,9 +158,16 @@ impl Datapath {
     /// network namespace). With tcx the link is pinned, and a link pinned by
     /// a previous agent is updated in place, atomically.
     pub fn attach(&mut self, iface: &str) -> anyhow::Result<()> {
-        let link_pin = self.cfg.pin_dir().join("links").join(iface);
+        // bpffs refuses names with a dot; interface names may have one (VLANs).
+        let safe = iface.replace('.', "_");
+        self.attach_one(iface, PROG_TC_INGRESS, TcAttachType::Ingress, format!("in_{safe}"))?;
+        self.attach_one(iface, PROG_TC_EGRESS, TcAttachType::Egress, format!("eg_{safe}"))
+    }
+
+    fn attach_one(&mut self, iface: &str, name: &str, dir: TcAttachType, pin_name: String) -> anyhow::Result<()> {
+        let link_pin = self.cfg.pin_dir().join("links").join(pin_name);
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        let prog = self.program()?;
+        let prog = self.program_named(name)?;
         if !tcx {
             // clsact + netlink filter: replace our own filter, keep others.
             if let Err(e) = tc::qdisc_add_clsact(iface) {
@@ -162,9 +175,9 @@ impl Datapath {
                     tracing::debug!(iface, error = %e, "clsact qdisc");
                 }
             }
-            let _ = tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROG_TC_INGRESS);
+            let _ = tc::qdisc_detach_program(iface, dir, name);
             let id = prog
-                .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::Netlink(Default::default()))
+                .attach_with_options(iface, dir, TcAttachOptions::Netlink(Default::default()))
                 .with_context(|| format!("attaching to {iface} via netlink"))?;
             // Keep the filter when the agent exits, like a pinned link.
             let link = prog.take_link(id)?;
@@ -182,7 +195,7 @@ impl Datapath {
                             // without detaching.
                             let link = prog.take_link(id)?;
                             std::mem::forget(link);
-                            tracing::info!(iface, "replaced program on pinned tcx link");
+                            tracing::info!(iface, program = name, "replaced program on pinned tcx link");
                             return Ok(());
                         }
                         Err(e) => {
@@ -195,12 +208,12 @@ impl Datapath {
             let _ = fs::remove_file(&link_pin);
         }
         let id = prog
-            .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .attach_with_options(iface, dir, TcAttachOptions::TcxOrder(LinkOrder::default()))
             .with_context(|| format!("attaching the TC program to interface {iface:?} (does it exist in this network namespace?)"))?;
         let link = prog.take_link(id)?;
         let fd_link: FdLink = link.try_into()?;
         fd_link.pin(&link_pin).with_context(|| format!("pinning link {}", link_pin.display()))?;
-        tracing::info!(iface, "attached (tcx)");
+        tracing::info!(iface, program = name, "attached (tcx)");
         Ok(())
     }
 }

@@ -13,9 +13,9 @@
 //! agent adopts what its predecessor wrote and only fixes the difference.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use proxy_common::{Backend, SCOPE_EXTERNAL, SVC_F_AFFINITY, ServiceKey, ServiceValue, v4_mapped};
+use proxy_common::{Backend, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_NODE_ADDR, ServiceKey, ServiceValue, v4_mapped};
 
-use crate::translate::{BackendAddr, Desired, Frontend, FrontendAddr};
+use crate::translate::{BackendAddr, Desired, Frontend, FrontendAddr, FrontendKind};
 
 /// Largest number of backends one frontend can hold (slot index is u16).
 pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
@@ -229,7 +229,8 @@ impl<M: MapOps> SyncEngine<M> {
         let value = ServiceValue {
             backend_id: 0,
             count: ids.len() as u16,
-            flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 },
+            flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 }
+                | if fe.kind == FrontendKind::NodePort { SVC_F_NODE_ADDR } else { 0 },
             svc_id,
             affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
         };

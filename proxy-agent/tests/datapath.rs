@@ -280,3 +280,20 @@ fn removing_a_udp_backend_flushes_its_flows() {
     env.apply(&mk(&env, &[keep]));
     assert_eq!(ask(), format!("b{keep}"), "after its backend is removed the flow moves to a live one");
 }
+
+#[test]
+fn backend_in_the_host_network_namespace() {
+    // Like the `kubernetes` Service, whose endpoint is the API server on the
+    // node itself: its replies leave through the node's stack, not a pod veth.
+    let mut env = Env::new("k", 1, 1);
+    let node_server = proxy_testkit::EchoServer::start(&env.topo.node, "node", 9090).unwrap();
+    let node_ip = Ipv4Addr::new(10, 200, 100, 1);
+    let ports = [(443, "TCP")];
+    let yaml = (service("kubernetes", "10.96.0.1", &ports, "") + &slice("kubernetes", "kubernetes", &ports, &[node_ip]))
+        .replace("8080", "9090");
+    env.apply(&yaml);
+    let (answer, peer) = tcp_request(env.client(0), sa(Ipv4Addr::new(10, 96, 0, 1), 443), T).expect("host-network backend");
+    assert_eq!(answer, "node");
+    assert_eq!(peer, SocketAddr::from(sa(Ipv4Addr::new(10, 96, 0, 1), 443)));
+    drop(node_server);
+}

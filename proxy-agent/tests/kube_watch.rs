@@ -26,7 +26,9 @@ const T: Duration = Duration::from_secs(2);
 /// Collections by API path, and a feed of watch events.
 struct FakeApi {
     objects: Mutex<BTreeMap<&'static str, Vec<Value>>>,
-    events: broadcast::Sender<(&'static str, Value)>,
+    events: broadcast::Sender<(u64, &'static str, Value)>,
+    /// Every event, for watches that resume from a resourceVersion.
+    log: Mutex<Vec<(u64, &'static str, Value)>>,
     rv: Mutex<u64>,
 }
 
@@ -43,15 +45,16 @@ impl FakeApi {
         }
     }
 
-    fn next_rv(&self) -> String {
+    fn next_rv(&self) -> u64 {
         let mut rv = self.rv.lock().unwrap();
         *rv += 1;
-        rv.to_string()
+        *rv
     }
 
     /// Adds, replaces or deletes an object and emits the watch event.
     fn change(&self, path: &'static str, mut obj: Value, delete: bool) {
-        obj["metadata"]["resourceVersion"] = json!(self.next_rv());
+        let rv = self.next_rv();
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let name = obj["metadata"]["name"].clone();
         let mut all = self.objects.lock().unwrap();
         let list = all.entry(path).or_default();
@@ -63,7 +66,9 @@ impl FakeApi {
             list.push(obj.clone());
             if existed { "MODIFIED" } else { "ADDED" }
         };
-        let _ = self.events.send((path, json!({"type": kind, "object": obj})));
+        let ev = json!({"type": kind, "object": obj});
+        self.log.lock().unwrap().push((rv, path, ev.clone()));
+        let _ = self.events.send((rv, path, ev));
     }
 }
 
@@ -89,12 +94,33 @@ async fn serve_conn(api: Arc<FakeApi>, mut sock: tokio::net::TcpStream) {
         }
     };
     if query.contains("watch=true") || query.contains("watch=1") {
+        let from: u64 = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("resourceVersion="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         let mut rx = api.events.subscribe();
+        let backlog: Vec<(u64, &'static str, Value)> =
+            api.log.lock().unwrap().iter().filter(|(rv, p, _)| *rv > from && *p == path).cloned().collect();
+        let mut sent = from;
         let _ = sock
             .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
             .await;
-        while let Ok((p, ev)) = rx.recv().await {
-            if p != path {
+        for (rv, _, ev) in backlog {
+            sent = rv;
+            let line = format!("{ev}\n");
+            let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+            if sock.write_all(chunk.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let (rv, p, ev) = match rx.recv().await {
+                Ok(e) => e,
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            };
+            if p != path || rv <= sent {
                 continue;
             }
             let line = format!("{ev}\n");
@@ -108,7 +134,10 @@ async fn serve_conn(api: Arc<FakeApi>, mut sock: tokio::net::TcpStream) {
     let items = api.objects.lock().unwrap().get(path).cloned().unwrap_or_default();
     let rv = api.rv.lock().unwrap().to_string();
     let body = json!({"apiVersion": "v1", "kind": FakeApi::list_kind(path), "metadata": {"resourceVersion": rv}, "items": items}).to_string();
-    let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     let _ = sock.write_all(resp.as_bytes()).await;
 }
 
@@ -160,7 +189,7 @@ fn harness() -> Harness {
     let topo = Topology::build(&prefix, 1, 3).unwrap();
     let servers = topo.backends.iter().map(|b| EchoServer::start(&b.ns, &b.name, 8080).unwrap()).collect();
     let (events, _) = broadcast::channel(256);
-    let api = Arc::new(FakeApi { objects: Mutex::new(BTreeMap::new()), events, rv: Mutex::new(1) });
+    let api = Arc::new(FakeApi { objects: Mutex::new(BTreeMap::new()), events, log: Mutex::new(Vec::new()), rv: Mutex::new(1) });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let listener = topo.node.run(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
     let port = listener.local_addr().unwrap().port();

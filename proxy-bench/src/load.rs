@@ -76,15 +76,17 @@ fn one(kind: Kind, to: SocketAddrV4, tcp: &mut Option<TcpStream>, udp: &Option<U
     Ok(())
 }
 
-/// Runs `conc` workers for `dur` against `to` from inside `ns`.
-pub fn run(ns: &Netns, kind: Kind, to: SocketAddrV4, conc: usize, dur: Duration) -> anyhow::Result<Result> {
+/// Runs `conc` workers for `dur` from inside `ns`; worker i uses target
+/// `targets[i % len]` (direct mode spreads over the backends like a Service).
+pub fn run(ns: &Netns, kind: Kind, targets: &[SocketAddrV4], conc: usize, dur: Duration) -> anyhow::Result<Result> {
     let ns_file = std::fs::File::open(format!("/run/netns/{}", ns.name))?;
     let fd = ns_file.as_raw_fd();
     let start = Instant::now();
     let deadline = start + dur;
     let per_worker: Vec<(Vec<u32>, u64)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..conc)
-            .map(|_| {
+            .map(|i| {
+                let to = targets[i % targets.len()];
                 s.spawn(move || {
                     // SAFETY: setns on this worker thread only.
                     assert_eq!(unsafe { libc::setns(fd, libc::CLONE_NEWNET) }, 0, "setns");
@@ -102,7 +104,12 @@ pub fn run(ns: &Netns, kind: Kind, to: SocketAddrV4, conc: usize, dur: Duration)
                         let t = Instant::now();
                         match one(kind, to, &mut tcp, &udp) {
                             Ok(()) => lat.push(t.elapsed().as_micros() as u32),
-                            Err(_) => errors += 1,
+                            Err(e) => {
+                                if errors < 3 && std::env::var_os("KPROXY_BENCH_DEBUG").is_some() {
+                                    eprintln!("    {kind:?} {to}: {e}");
+                                }
+                                errors += 1;
+                            }
                         }
                     }
                     (lat, errors)
@@ -115,7 +122,7 @@ pub fn run(ns: &Netns, kind: Kind, to: SocketAddrV4, conc: usize, dur: Duration)
     let errors: u64 = per_worker.iter().map(|w| w.1).sum();
     let mut all: Vec<u32> = per_worker.into_iter().flat_map(|w| w.0).collect();
     if all.is_empty() {
-        bail!("no request succeeded against {to} ({errors} errors)");
+        bail!("no request succeeded against {targets:?} ({errors} errors)");
     }
     all.sort_unstable();
     let pct = |p: f64| f64::from(all[((all.len() - 1) as f64 * p) as usize]);

@@ -39,6 +39,18 @@ struct Opts {
     /// Concurrent client connections.
     #[arg(long, default_value_t = 2)]
     concurrency: usize,
+    /// Override the Service counts (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    counts: Vec<usize>,
+    /// Override the seconds per load test.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Override the number of interleaved rounds.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Only these modes (comma-separated: direct,ebpf,iptables,nftables).
+    #[arg(long, value_delimiter = ',')]
+    modes: Vec<String>,
     /// Print the iptables and nftables rule sets for this many Services and exit.
     #[arg(long)]
     print_rules: Option<usize>,
@@ -200,16 +212,26 @@ fn measure(mode: Mode, n: usize, round: usize, opts: &Opts, secs: f64) -> anyhow
     let mut s = Sample { mode: mode.name(), services: n, round, ..Sample::default() };
     let loaded = setup(mode, n, &topo, &mut s);
     let result = loaded.and_then(|loaded| {
-        let (tcp, udp) = if mode == Mode::Direct {
-            (SocketAddrV4::new(topo.backends[0].ip, BACKEND_PORT), SocketAddrV4::new(topo.backends[0].ip, BACKEND_PORT))
+        // Direct: each worker talks to one backend pod, workers spread over
+        // both, so the servers carry the same load as behind a Service.
+        let (tcp, udp): (Vec<SocketAddrV4>, Vec<SocketAddrV4>) = if mode == Mode::Direct {
+            let b: Vec<SocketAddrV4> = topo.backends.iter().map(|b| SocketAddrV4::new(b.ip, BACKEND_PORT)).collect();
+            (b.clone(), b)
         } else {
-            (SocketAddrV4::new(vip(n - 1), 80), SocketAddrV4::new(vip(n - 1), 53))
+            (vec![SocketAddrV4::new(vip(n - 1), 80)], vec![SocketAddrV4::new(vip(n - 1), 53)])
         };
         let d = Duration::from_secs_f64(secs);
         let ns = &topo.clients[0].ns;
-        s.tcp_crr = load::run(ns, load::Kind::TcpCrr, tcp, opts.concurrency, d)?;
-        s.tcp_rr = load::run(ns, load::Kind::TcpRr, tcp, opts.concurrency, d)?;
-        s.udp_rr = load::run(ns, load::Kind::UdpRr, udp, opts.concurrency, d)?;
+        s.tcp_crr = load::run(ns, load::Kind::TcpCrr, &tcp, opts.concurrency, d)?;
+        s.tcp_rr = load::run(ns, load::Kind::TcpRr, &tcp, opts.concurrency, d)?;
+        s.udp_rr = load::run(ns, load::Kind::UdpRr, &udp, opts.concurrency, d)?;
+        if let Loaded::Ebpf(_, cfg, _) = &loaded
+            && s.tcp_crr.errors + s.tcp_rr.errors + s.udp_rr.errors > 0
+        {
+            let stats = datapath::read_stats(&cfg.pin_dir())?;
+            let ct = datapath::conntrack_entries(&cfg.pin_dir())?.len();
+            eprintln!("  ebpf errors; datapath counters: {:?}; conntrack entries: {ct}", stats.iter().filter(|(_, n)| *n > 0).map(|(s, n)| (s.name(), *n)).collect::<Vec<_>>());
+        }
         if let Loaded::Ebpf(agent, cfg, dp) = loaded {
             drop(dp);
             drop(agent);
@@ -251,16 +273,20 @@ fn main() -> anyhow::Result<()> {
     } else {
         vec![1, 1_000, 10_000, 50_000]
     };
-    let rounds = if opts.smoke { 1 } else { 2 };
-    let secs = if opts.smoke { 0.5 } else if opts.quick { 1.5 } else { 3.0 };
-    let modes = [Mode::Direct, Mode::Ebpf, Mode::Iptables, Mode::Nftables];
+    let counts = if opts.counts.is_empty() { counts } else { opts.counts.clone() };
+    let rounds = opts.rounds.unwrap_or(if opts.smoke { 1 } else { 2 });
+    let secs = opts.seconds.unwrap_or(if opts.smoke { 1.0 } else if opts.quick { 1.5 } else { 3.0 });
+    let modes: Vec<Mode> = [Mode::Direct, Mode::Ebpf, Mode::Iptables, Mode::Nftables]
+        .into_iter()
+        .filter(|m| opts.modes.is_empty() || opts.modes.iter().any(|x| x == m.name()))
+        .collect();
     let started = Instant::now();
     let mut samples = Vec::new();
     // Interleaved: every mode once per round, rounds repeated (A B A B).
     for round in 0..rounds {
         for &n in &counts {
             eprintln!("round {round}, {n} Services");
-            for mode in modes {
+            for &mode in &modes {
                 samples.push(measure(mode, n, round, &opts, secs)?);
             }
         }
@@ -308,7 +334,7 @@ fn report(opts: &Opts, counts: &[usize], samples: &[Sample], memory: &load::Memo
         kernel.trim(),
         date.trim(),
         took.as_secs_f64(),
-        if opts.smoke { 1 } else { 2 },
+        samples.iter().map(|s| s.round).max().unwrap_or(0) + 1,
         opts.concurrency,
         proxy_testkit::run("iptables-restore", &["--version"]).unwrap_or_default().trim(),
     );

@@ -29,6 +29,8 @@ pub const ALL_MAPS: [&str; 5] = [MAP_SERVICES, MAP_BACKENDS, MAP_CT, MAP_AFFINIT
 
 /// Name of the TC ingress program in the object file.
 pub const PROG_TC_INGRESS: &str = "kp_tc_ingress";
+/// Name of the TC egress program (reply reverse-NAT for host-stack replies).
+pub const PROG_TC_EGRESS: &str = "kp_tc_egress";
 
 /// Default capacities; the agent can override them at load time.
 pub const DEFAULT_MAX_SERVICE_ENTRIES: u32 = 262_144;
@@ -73,6 +75,10 @@ pub struct ServiceValue {
 
 /// ClientIP session affinity enabled.
 pub const SVC_F_AFFINITY: u16 = 1 << 0;
+/// The frontend address is one of the node's own (NodePort): replies are
+/// redirected to the client's interface, since the stack would drop a
+/// forwarded packet whose source is a local address.
+pub const SVC_F_NODE_ADDR: u16 = 1 << 1;
 
 /// Value of the backends map (key: backend id, `u32`).
 #[repr(C)]
@@ -159,9 +165,10 @@ pub enum Stat {
     DropMalformed = 10,
     AffinityHit = 11,
     PassIpOptions = 12,
+    ReplyNatEgress = 13,
 }
 
-pub const STAT_COUNT: u32 = 13;
+pub const STAT_COUNT: u32 = 14;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -178,6 +185,7 @@ impl Stat {
         Stat::DropMalformed,
         Stat::AffinityHit,
         Stat::PassIpOptions,
+        Stat::ReplyNatEgress,
     ];
 
     /// Metric label for this counter.
@@ -197,6 +205,7 @@ impl Stat {
             Stat::DropMalformed => "drop_malformed",
             Stat::AffinityHit => "affinity_hit",
             Stat::PassIpOptions => "pass_ip_options",
+            Stat::ReplyNatEgress => "reply_nat_egress",
         }
     }
 }

@@ -104,6 +104,29 @@ pub fn create(pkt: &Packet, backend_id: u32, baddr: [u8; 4], bport: u16, now: u6
     CT.insert(&fwd_key, &fwd, 0).map_err(|_| ())
 }
 
+/// The reply entry for this packet, if it is a reply of a tracked flow.
+#[inline(always)]
+fn reply_entry(pkt: &Packet) -> Option<([u8; 4], CtValue)> {
+    let key = key_of(pkt);
+    // SAFETY: copied out at once.
+    let v = (unsafe { CT.get(&key) }).copied()?;
+    if v.flags & CT_F_REPLY == 0 {
+        return None;
+    }
+    Some((v4_of_mapped(&v.nat_addr)?, v))
+}
+
+/// Rewrites the source of a reply back to the frontend, leaving the packet
+/// on its way (egress hook). Returns whether it was a tracked reply.
+#[inline(always)]
+pub fn reply_nat_in_place(ctx: &TcContext, pkt: &Packet) -> Result<bool, ()> {
+    let Some((addr, v)) = reply_entry(pkt) else {
+        return Ok(false);
+    };
+    rewrite(ctx, pkt, Side::Src, addr, v.nat_port)?;
+    Ok(true)
+}
+
 /// Rewrites the source of a reply from a backend back to the frontend and
 /// sends it straight to the interface the client's packets came in on.
 /// Returns the verdict, or `None` when the packet belongs to no tracked flow.
@@ -114,15 +137,7 @@ pub fn create(pkt: &Packet, backend_id: u32, baddr: [u8; 4], bport: u16, now: u6
 /// routing pass is cheaper anyway.
 #[inline(always)]
 pub fn reply_nat(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, ()> {
-    let key = key_of(pkt);
-    // SAFETY: copied out at once.
-    let Some(v) = (unsafe { CT.get(&key) }).copied() else {
-        return Ok(None);
-    };
-    if v.flags & CT_F_REPLY == 0 {
-        return Ok(None);
-    }
-    let Some(addr) = v4_of_mapped(&v.nat_addr) else {
+    let Some((addr, v)) = reply_entry(pkt) else {
         return Ok(None);
     };
     rewrite(ctx, pkt, Side::Src, addr, v.nat_port)?;

@@ -5,7 +5,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, SCOPE_EXTERNAL, SVC_F_AFFINITY, ServiceKey, ServiceValue, Stat,
+    AffinityKey, AffinityValue, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_NODE_ADDR, ServiceKey, ServiceValue, Stat,
     v4_mapped,
 };
 
@@ -62,8 +62,15 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, svc: &(ServiceKey, ServiceValue)) 
         count(Stat::DropBackendMissing);
         return Ok(TC_ACT_SHOT);
     };
-    // SAFETY: reading the ingress ifindex of the skb we were handed.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // Replies of NodePort flows must bypass the stack (see SVC_F_NODE_ADDR);
+    // the others take the ordinary path, which is as fast and keeps the
+    // node's neighbour handling out of our hands.
+    let ifindex = if value.flags & SVC_F_NODE_ADDR != 0 {
+        // SAFETY: reading the ingress ifindex of the skb we were handed.
+        unsafe { (*ctx.skb.skb).ifindex }
+    } else {
+        0
+    };
     if ct::create(pkt, backend_id, baddr, backend.port, now, ifindex).is_err() {
         // Fail closed: without a reply entry the answer could not be
         // reverse-NATed and the client would see a stray source.

@@ -58,6 +58,28 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     Ok(TC_ACT_OK)
 }
 
+/// Attached at egress of the same interfaces: reverse-NATs replies that the
+/// node's own stack sends toward a client (a backend in the host network
+/// namespace, such as the API server behind the `kubernetes` Service), which
+/// never cross an ingress hook. Everything else passes untouched.
+#[classifier]
+pub fn kp_tc_egress(ctx: TcContext) -> i32 {
+    let Ok(pkt) = packet::parse(&ctx) else {
+        return TC_ACT_OK;
+    };
+    match ct::reply_nat_in_place(&ctx, &pkt) {
+        Ok(true) => {
+            count(Stat::ReplyNatEgress);
+            TC_ACT_OK
+        }
+        Ok(false) => TC_ACT_OK,
+        Err(()) => {
+            count(Stat::DropMalformed);
+            TC_ACT_SHOT
+        }
+    }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
