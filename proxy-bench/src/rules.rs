@@ -71,55 +71,54 @@ pub fn iptables(n: usize, backends: &[Ipv4Addr], replacement: Ipv4Addr, tag: &st
 }
 
 /// nftables mode: a service-ips verdict map dispatching to per-service
-/// chains that pick an endpoint chain with `numgen random`.
+/// chains that pick an endpoint chain with `numgen random`, written as one
+/// table block (one transaction, as kube-proxy's nftables mode does).
 pub fn nftables(n: usize, backends: &[Ipv4Addr], replacement: Ipv4Addr, tag: &str) -> (String, String) {
-    let mut s = String::new();
-    let _ = writeln!(s, "add table ip kube-proxy");
-    let _ = writeln!(s, "add chain ip kube-proxy mark-for-masquerade");
-    let _ = writeln!(s, "add rule ip kube-proxy mark-for-masquerade mark set mark or 0x4000");
-    let _ = writeln!(s, "add chain ip kube-proxy nat-prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}");
-    let _ = writeln!(s, "add chain ip kube-proxy nat-output {{ type nat hook output priority -100; policy accept; }}");
-    let _ = writeln!(s, "add chain ip kube-proxy nat-postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}");
-    let _ = writeln!(s, "add chain ip kube-proxy services");
-    let _ = writeln!(s, "add map ip kube-proxy service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}");
-    let _ = writeln!(s, "add rule ip kube-proxy nat-prerouting jump services");
-    let _ = writeln!(s, "add rule ip kube-proxy nat-output jump services");
-    let _ = writeln!(s, "add rule ip kube-proxy nat-postrouting mark and 0x4000 == 0 return");
-    let _ = writeln!(s, "add rule ip kube-proxy nat-postrouting mark set mark xor 0x4000 masquerade fully-random");
-    let _ = writeln!(s, "add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips");
-    let svc = |i: usize, proto: &str, port: u16, s: &mut String, bs: &[Ipv4Addr], tag: &str| {
-        let chain = format!("service-{i}-{proto}");
-        let _ = writeln!(s, "add chain ip kube-proxy {chain}");
+    let svc_chains = |i: usize, proto: &str, port: u16, bs: &[Ipv4Addr], tag: &str, s: &mut String| {
         let mut vmap = Vec::new();
         for (k, b) in bs.iter().enumerate() {
             let ep = format!("endpoint-{i}-{proto}-{k}{tag}");
-            let _ = writeln!(s, "add chain ip kube-proxy {ep}");
-            let _ = writeln!(s, "add rule ip kube-proxy {ep} ip saddr {b} jump mark-for-masquerade");
-            let _ = writeln!(s, "add rule ip kube-proxy {ep} meta l4proto {proto} dnat to {b}:{BACKEND_PORT}");
+            let _ = writeln!(
+                s,
+                "  chain {ep} {{\n    ip saddr {b} jump mark-for-masquerade\n    meta l4proto {proto} dnat to {b}:{BACKEND_PORT}\n  }}"
+            );
             vmap.push(format!("{k} : goto {ep}"));
         }
-        let _ = writeln!(s, "add rule ip kube-proxy {chain} ip daddr {} {proto} dport {port} ip saddr != 10.200.0.0/16 jump mark-for-masquerade", vip(i));
-        let _ = writeln!(s, "add rule ip kube-proxy {chain} numgen random mod {} vmap {{ {} }}", bs.len(), vmap.join(" , "));
-        let _ = writeln!(s, "add element ip kube-proxy service-ips {{ {} . {proto} . {port} : goto {chain} }}", vip(i));
+        let _ = writeln!(
+            s,
+            "  chain service-{i}-{proto} {{\n    ip daddr {} {proto} dport {port} ip saddr != 10.200.0.0/16 jump mark-for-masquerade\n    numgen random mod {} vmap {{ {} }}\n  }}",
+            vip(i),
+            bs.len(),
+            vmap.join(", ")
+        );
     };
+    let mut s = String::with_capacity(n * 1200);
+    s.push_str("table ip kube-proxy {\n");
+    s.push_str("  chain mark-for-masquerade {\n    mark set mark or 0x4000\n  }\n");
+    s.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
+    s.push_str("  chain nat-output {\n    type nat hook output priority -100; policy accept;\n    jump services\n  }\n");
+    s.push_str("  chain nat-postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    mark and 0x4000 == 0 return\n    mark set mark xor 0x4000 masquerade fully-random\n  }\n");
+    let mut elems = Vec::with_capacity(2 * n);
     for i in 0..n {
-        svc(i, "tcp", 80, &mut s, backends, "");
-        svc(i, "udp", 53, &mut s, backends, "");
+        svc_chains(i, "tcp", 80, backends, "", &mut s);
+        svc_chains(i, "udp", 53, backends, "", &mut s);
+        elems.push(format!("{} . tcp . 80 : goto service-{i}-tcp", vip(i)));
+        elems.push(format!("{} . udp . 53 : goto service-{i}-udp", vip(i)));
     }
+    let _ = writeln!(
+        s,
+        "  map service-ips {{\n    type ipv4_addr . inet_proto . inet_service : verdict\n    elements = {{ {} }}\n  }}",
+        elems.join(",\n      ")
+    );
+    s.push_str("  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n}\n");
+    // One endpoint of the last Service changes: new endpoint chains, the
+    // service chain flushed and refilled.
     let mut changed = backends.to_vec();
     changed[0] = replacement;
     let i = n - 1;
-    let mut c = format!("flush chain ip kube-proxy service-{i}-tcp\n");
     let mut body = String::new();
-    svc(i, "tcp", 80, &mut body, &changed, tag);
-    // The chain and map element exist already.
-    for l in body.lines() {
-        if l.starts_with(&format!("add chain ip kube-proxy service-{i}-tcp")) || l.starts_with("add element") {
-            continue;
-        }
-        c.push_str(l);
-        c.push('\n');
-    }
+    svc_chains(i, "tcp", 80, &changed, tag, &mut body);
+    let c = format!("flush chain ip kube-proxy service-{i}-tcp\ntable ip kube-proxy {{\n{body}}}\n");
     (s, c)
 }
 
