@@ -16,7 +16,7 @@ use std::{
 };
 
 use common::{service, slice};
-use proxy_testkit::{EchoServer, Netns, Topology, require_root, tcp_connect, tcp_exchange, tcp_request, unique_prefix, wait_until};
+use proxy_testkit::{EchoServer, Topology, require_root, tcp_connect, tcp_exchange, tcp_request, unique_prefix, wait_until};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const T: Duration = Duration::from_secs(2);
@@ -66,7 +66,7 @@ impl Harness {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        assert!(wait_until(Duration::from_secs(15), || http_get(&self.topo.node, 10256, "/readyz").starts_with("HTTP/1.1 200")), "agent ready");
+        assert!(wait_until(Duration::from_secs(15), || proxy_testkit::http_get(&self.topo.node, 10256, "/readyz").starts_with("HTTP/1.1 200")), "agent ready");
     }
 
     fn kill9(&mut self) {
@@ -90,18 +90,6 @@ impl Drop for Harness {
     }
 }
 
-fn http_get(ns: &Netns, port: u16, path: &str) -> String {
-    ns.run(|| {
-        let Ok(mut s) = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(300)) else {
-            return String::new();
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    })
-}
 
 #[test]
 fn standalone_agent_follows_manifest_changes() {
@@ -121,7 +109,7 @@ fn standalone_agent_follows_manifest_changes() {
     assert!(h.child.as_mut().unwrap().try_wait().unwrap().is_none(), "agent still running");
     assert!(h.answers(5).iter().all(|x| x == "b2"));
 
-    let metrics = http_get(&h.topo.node, 10249, "/metrics");
+    let metrics = proxy_testkit::http_get(&h.topo.node, 10249, "/metrics");
     assert!(metrics.contains("kproxy_programmed_frontends 1"), "{metrics}");
     assert!(metrics.contains("kproxy_datapath_packets_total{reason=\"new_flow\"}"), "{metrics}");
 

@@ -297,3 +297,28 @@ fn backend_in_the_host_network_namespace() {
     assert_eq!(peer, SocketAddr::from(sa(Ipv4Addr::new(10, 96, 0, 1), 443)));
     drop(node_server);
 }
+
+#[test]
+fn a_pod_reaches_itself_through_its_service() {
+    // Kubernetes e2e: "should allow pods to hairpin back to themselves
+    // through services". The client pod is the Service's only backend.
+    let mut env = Env::new("l", 1, 0);
+    let me = env.topo.clients[0].ip;
+    let server = proxy_testkit::EchoServer::start(env.client(0), "self", 8080).unwrap();
+    let ports = [(80, "TCP"), (53, "UDP")];
+    env.apply(&(service("hairpin", "10.96.0.70", &ports, "") + &slice("hairpin", "hairpin-1", &ports, &[me])));
+    for _ in 0..5 {
+        let r = tcp_request(env.client(0), sa(Ipv4Addr::new(10, 96, 0, 70), 80), T);
+        if r.is_err() {
+            eprintln!("stats: {:?}", proxy_agent::datapath::read_stats(&env.pin_dir()).unwrap().iter().filter(|x| x.1 > 0).map(|(s, n)| (s.name(), *n)).collect::<Vec<_>>());
+            eprintln!("ct: {:?}", proxy_agent::datapath::conntrack_entries(&env.pin_dir()).unwrap());
+        }
+        let (answer, peer) = r.expect("hairpin TCP");
+        assert_eq!(answer, "self");
+        assert_eq!(peer, SocketAddr::from(sa(Ipv4Addr::new(10, 96, 0, 70), 80)));
+    }
+    let (answer, from) = udp_request(env.client(0), sa(Ipv4Addr::new(10, 96, 0, 70), 53), T).expect("hairpin UDP");
+    assert_eq!(answer, "self");
+    assert_eq!(from, SocketAddr::from(sa(Ipv4Addr::new(10, 96, 0, 70), 53)));
+    drop(server);
+}

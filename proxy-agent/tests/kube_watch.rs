@@ -5,15 +5,14 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpStream},
+    net::Ipv4Addr,
     process::{Child, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use common::{sa, service, slice};
-use proxy_testkit::{EchoServer, Netns, Topology, require_root, tcp_connect, tcp_request, unique_prefix, wait_until};
+use proxy_testkit::{EchoServer, Topology, require_root, tcp_connect, tcp_request, unique_prefix, wait_until};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -129,7 +128,6 @@ async fn serve_conn(api: Arc<FakeApi>, mut sock: tokio::net::TcpStream) {
                 return;
             }
         }
-        return;
     }
     let items = api.objects.lock().unwrap().get(path).cloned().unwrap_or_default();
     let rv = api.rv.lock().unwrap().to_string();
@@ -170,18 +168,6 @@ impl Drop for Harness {
     }
 }
 
-fn http_get(ns: &Netns, port: u16, path: &str) -> String {
-    ns.run(|| {
-        let Ok(mut s) = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(300)) else {
-            return String::new();
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    })
-}
 
 fn harness() -> Harness {
     require_root();
@@ -251,7 +237,7 @@ fn agent_follows_the_api_server() {
     h.api.change(NODES, json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}), false);
     h.start();
     assert!(
-        wait_until(Duration::from_secs(20), || http_get(&h.topo.node, 10256, "/readyz").starts_with("HTTP/1.1 200")),
+        wait_until(Duration::from_secs(20), || proxy_testkit::http_get(&h.topo.node, 10256, "/readyz").starts_with("HTTP/1.1 200")),
         "ready after the first full sync"
     );
     let a = h.answers(20);
@@ -264,7 +250,7 @@ fn agent_follows_the_api_server() {
     // Deleting the Service removes its frontend.
     h.api.change(SERVICES, svc, true);
     assert!(wait_until(Duration::from_secs(5), || tcp_connect(&h.topo.clients[0].ns, sa(VIP, 80), Duration::from_millis(300)).is_err()));
-    let metrics = http_get(&h.topo.node, 10249, "/metrics");
+    let metrics = proxy_testkit::http_get(&h.topo.node, 10249, "/metrics");
     assert!(metrics.contains("kproxy_programmed_frontends 0"), "{metrics}");
     let _ = &h.rt;
 }

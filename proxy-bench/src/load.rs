@@ -167,13 +167,7 @@ pub fn memory(services: usize, endpoints: usize) -> anyhow::Result<Memory> {
     let pin = std::path::Path::new("/sys/fs/bpf").join(&prefix);
     let result = (|| -> anyhow::Result<Memory> {
         let ready = proxy_testkit::wait_until(Duration::from_secs(120), || {
-            ns.run(|| {
-                let Ok(mut s) = TcpStream::connect("127.0.0.1:10256") else { return false };
-                let _ = s.write_all(b"GET /readyz HTTP/1.1\r\n\r\n");
-                let mut b = String::new();
-                let _ = s.read_to_string(&mut b);
-                b.starts_with("HTTP/1.1 200")
-            })
+            proxy_testkit::http_get(&ns, 10256, "/readyz").starts_with("HTTP/1.1 200")
         });
         if !ready {
             bail!("agent not ready with {services} Services");

@@ -135,7 +135,12 @@ fn setup(mode: Mode, n: usize, topo: &Topology, s: &mut Sample) -> anyhow::Resul
         Mode::Ebpf => {
             let objs = objects(n, &backends);
             let cfg = AgentConfig {
-                datapath: DatapathConfig { pin_dir_name: topo.prefix.clone(), ..Default::default() },
+                datapath: DatapathConfig {
+                    pin_dir_name: topo.prefix.clone(),
+                    // Two ports, each a frontend plus two slots, with headroom.
+                    max_services: proxy_common::DEFAULT_MAX_SERVICE_ENTRIES.max((n * 8) as u32),
+                    ..Default::default()
+                },
                 interfaces: vec!["veth*".into()],
                 node_name: "bench".into(),
                 node_ips: vec![],

@@ -122,6 +122,10 @@ pub struct CtValue {
 pub const CT_F_REPLY: u8 = 1 << 0;
 /// A TCP FIN or RST was seen: a new SYN on this tuple selects again.
 pub const CT_F_CLOSING: u8 = 1 << 1;
+/// Hairpin flow: the client is its own backend. The source is rewritten to
+/// the frontend too (so the reply comes back through the node) and packets
+/// are sent straight back out of the interface they came in on.
+pub const CT_F_HAIRPIN: u8 = 1 << 2;
 
 /// Lifetimes, checked when a forward entry is looked up.
 pub const CT_LIFETIME_TCP_NS: u64 = 21_600 * 1_000_000_000;
@@ -166,9 +170,10 @@ pub enum Stat {
     AffinityHit = 11,
     PassIpOptions = 12,
     ReplyNatEgress = 13,
+    Hairpin = 14,
 }
 
-pub const STAT_COUNT: u32 = 14;
+pub const STAT_COUNT: u32 = 15;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -186,6 +191,7 @@ impl Stat {
         Stat::AffinityHit,
         Stat::PassIpOptions,
         Stat::ReplyNatEgress,
+        Stat::Hairpin,
     ];
 
     /// Metric label for this counter.
@@ -206,6 +212,7 @@ impl Stat {
             Stat::AffinityHit => "affinity_hit",
             Stat::PassIpOptions => "pass_ip_options",
             Stat::ReplyNatEgress => "reply_nat_egress",
+            Stat::Hairpin => "hairpin",
         }
     }
 }

@@ -1,14 +1,18 @@
 //! Connection tracking: forward entries pin a flow to its backend, reply
 //! entries let answers be rewritten back to the frontend.
-use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect_neigh, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    helpers::{bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
 use proxy_common::{
-    CT_F_CLOSING, CT_F_REPLY, CT_LIFETIME_NONTCP_NS, CT_LIFETIME_TCP_CLOSING_NS,
+    CT_F_CLOSING, CT_F_HAIRPIN, CT_F_REPLY, CT_LIFETIME_NONTCP_NS, CT_LIFETIME_TCP_CLOSING_NS,
     CT_LIFETIME_TCP_NS, CT_REFRESH_NS, CtKey, CtValue, v4_mapped, v4_of_mapped,
 };
 
 use crate::{
     maps::{BACKENDS, CT},
-    nat::{Side, rewrite},
+    nat::{Side, rewrite, swap_macs},
     packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -38,7 +42,7 @@ fn lifetime_ns(pkt: &Packet, flags: u8) -> u64 {
 /// The backend of an existing, live flow. A fresh SYN on a closing flow, or on
 /// a flow whose backend is gone, starts a new flow instead.
 #[inline(always)]
-pub fn forward_lookup(pkt: &Packet, now: u64) -> Option<([u8; 4], u16)> {
+pub fn forward_lookup(pkt: &Packet, now: u64) -> Option<([u8; 4], u16, u8)> {
     let key = key_of(pkt);
     let entry = CT.get_ptr_mut(&key)?;
     // SAFETY: pointer from a successful lookup; fields are plain integers.
@@ -63,27 +67,31 @@ pub fn forward_lookup(pkt: &Packet, now: u64) -> Option<([u8; 4], u16)> {
         }
     }
     let addr = v4_of_mapped(&v.nat_addr)?;
-    Some((addr, v.nat_port))
+    Some((addr, v.nat_port, v.flags))
 }
 
 /// Records a new flow to `backend` (forward and reply entries).
 #[inline(always)]
-pub fn create(pkt: &Packet, backend_id: u32, baddr: [u8; 4], bport: u16, now: u64, ifindex: u32) -> Result<(), ()> {
+pub fn create(pkt: &Packet, backend_id: u32, baddr: [u8; 4], bport: u16, now: u64, ifindex: u32) -> Result<u8, ()> {
     let closing = if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 { CT_F_CLOSING } else { 0 };
+    // The client picked itself: hairpin (see CT_F_HAIRPIN).
+    let hairpin = if baddr == pkt.saddr { CT_F_HAIRPIN } else { 0 };
     let fwd_key = key_of(pkt);
     let fwd = CtValue {
         nat_addr: v4_mapped(baddr),
         nat_port: bport,
-        flags: closing,
+        flags: closing | hairpin,
         _pad: 0,
         backend_id,
         last_seen_ns: now,
         ifindex: 0,
         _pad2: 0,
     };
+    // A hairpin reply is addressed to the frontend (the forward packet's
+    // source was rewritten to it); an ordinary one to the client.
     let rev_key = CtKey {
         saddr: v4_mapped(baddr),
-        daddr: fwd_key.saddr,
+        daddr: if hairpin != 0 { fwd_key.daddr } else { fwd_key.saddr },
         sport: bport,
         dport: pkt.sport,
         proto: pkt.proto,
@@ -92,7 +100,7 @@ pub fn create(pkt: &Packet, backend_id: u32, baddr: [u8; 4], bport: u16, now: u6
     let rev = CtValue {
         nat_addr: fwd_key.daddr,
         nat_port: pkt.dport,
-        flags: CT_F_REPLY,
+        flags: CT_F_REPLY | hairpin,
         _pad: 0,
         backend_id,
         last_seen_ns: now,
@@ -101,7 +109,8 @@ pub fn create(pkt: &Packet, backend_id: u32, baddr: [u8; 4], bport: u16, now: u6
     };
     // Reply entry first: a forward entry without it would blackhole replies.
     CT.insert(&rev_key, &rev, 0).map_err(|_| ())?;
-    CT.insert(&fwd_key, &fwd, 0).map_err(|_| ())
+    CT.insert(&fwd_key, &fwd, 0).map_err(|_| ())?;
+    Ok(hairpin)
 }
 
 /// The reply entry for this packet, if it is a reply of a tracked flow.
@@ -123,6 +132,10 @@ pub fn reply_nat_in_place(ctx: &TcContext, pkt: &Packet) -> Result<bool, ()> {
     let Some((addr, v)) = reply_entry(pkt) else {
         return Ok(false);
     };
+    if v.flags & CT_F_HAIRPIN != 0 {
+        // Hairpin replies are handled at ingress only.
+        return Ok(false);
+    }
     rewrite(ctx, pkt, Side::Src, addr, v.nat_port)?;
     Ok(true)
 }
@@ -141,6 +154,15 @@ pub fn reply_nat(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, ()> {
         return Ok(None);
     };
     rewrite(ctx, pkt, Side::Src, addr, v.nat_port)?;
+    if v.flags & CT_F_HAIRPIN != 0 {
+        // Back to the pod that is both client and backend: destination
+        // becomes its own address again, out of the interface it came in on.
+        rewrite(ctx, pkt, Side::Dst, pkt.saddr, pkt.dport)?;
+        swap_macs(ctx)?;
+        // SAFETY: reading the ingress ifindex of the skb we were handed.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        return Ok(Some(unsafe { bpf_redirect(ifindex, 0) } as i32));
+    }
     if v.ifindex == 0 {
         return Ok(Some(TC_ACT_OK));
     }

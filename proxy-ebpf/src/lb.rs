@@ -1,18 +1,18 @@
 //! Frontend lookup, backend selection and the forward (client -> service) path.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
     programs::TcContext,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_NODE_ADDR, ServiceKey, ServiceValue, Stat,
+    AffinityKey, AffinityValue, CT_F_HAIRPIN, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_NODE_ADDR, ServiceKey, ServiceValue, Stat,
     v4_mapped,
 };
 
 use crate::{
     ct,
     maps::{AFFINITY, BACKENDS, SERVICES, count},
-    nat::{Side, rewrite},
+    nat::{Side, rewrite, swap_macs},
     packet::Packet,
     reject,
 };
@@ -38,10 +38,9 @@ pub fn lookup_frontend(pkt: &Packet) -> Option<(ServiceKey, ServiceValue)> {
 #[inline(always)]
 pub fn forward(ctx: &TcContext, pkt: &Packet, svc: &(ServiceKey, ServiceValue)) -> Result<i32, ()> {
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some((addr, port)) = ct::forward_lookup(pkt, now) {
+    if let Some((addr, port, flags)) = ct::forward_lookup(pkt, now) {
         count(Stat::CtHit);
-        rewrite(ctx, pkt, Side::Dst, addr, port)?;
-        return Ok(TC_ACT_OK);
+        return nat_forward(ctx, pkt, addr, port, flags & CT_F_HAIRPIN != 0);
     }
 
     let (key, value) = svc;
@@ -71,15 +70,31 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, svc: &(ServiceKey, ServiceValue)) 
     } else {
         0
     };
-    if ct::create(pkt, backend_id, baddr, backend.port, now, ifindex).is_err() {
+    let Ok(hairpin) = ct::create(pkt, backend_id, baddr, backend.port, now, ifindex) else {
         // Fail closed: without a reply entry the answer could not be
         // reverse-NATed and the client would see a stray source.
         count(Stat::DropCtFull);
         return Ok(TC_ACT_SHOT);
-    }
+    };
     count(Stat::NewFlow);
-    rewrite(ctx, pkt, Side::Dst, baddr, backend.port)?;
-    Ok(TC_ACT_OK)
+    nat_forward(ctx, pkt, baddr, backend.port, hairpin != 0)
+}
+
+/// DNATs to the backend. A hairpin flow also gets the frontend as source,
+/// so the pod's reply comes back through us, and is sent straight back out
+/// of the interface it came in on.
+#[inline(always)]
+fn nat_forward(ctx: &TcContext, pkt: &Packet, addr: [u8; 4], port: u16, hairpin: bool) -> Result<i32, ()> {
+    rewrite(ctx, pkt, Side::Dst, addr, port)?;
+    if !hairpin {
+        return Ok(TC_ACT_OK);
+    }
+    count(Stat::Hairpin);
+    rewrite(ctx, pkt, Side::Src, pkt.daddr, pkt.sport)?;
+    swap_macs(ctx)?;
+    // SAFETY: reading the ingress ifindex of the skb we were handed.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
 /// Picks a backend id for a new flow: the client's affine backend while the

@@ -50,3 +50,14 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, side: Side, addr: [u8; 4], port: u
     }
     Ok(())
 }
+
+/// Swaps the Ethernet addresses, for a frame sent back out of the interface
+/// it came in on (the peer must see its own address as destination).
+#[inline(always)]
+pub fn swap_macs(ctx: &TcContext) -> Result<(), ()> {
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
+    let mut out = [0u8; 12];
+    out[..6].copy_from_slice(&macs[6..]);
+    out[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &out, 0).map_err(|_| ())
+}

@@ -329,3 +329,20 @@ pub fn tcp_syn_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Ve
     f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
     f
 }
+
+/// `GET path` on `127.0.0.1:port` inside `ns`; the raw response, or an
+/// empty string when nothing answers.
+#[must_use]
+pub fn http_get(ns: &Netns, port: u16, path: &str) -> String {
+    ns.run(|| {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+}

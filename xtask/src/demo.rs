@@ -38,17 +38,7 @@ impl Drop for AgentGuard {
 }
 
 fn ready(topo: &Topology) -> bool {
-    topo.node.run(|| {
-        use std::io::{Read as _, Write as _};
-        let Ok(mut s) = std::net::TcpStream::connect_timeout(&"127.0.0.1:10256".parse().unwrap(), Duration::from_millis(200)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-        let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
-        let mut buf = String::new();
-        let _ = s.read_to_string(&mut buf);
-        buf.starts_with("HTTP/1.1 200")
-    })
+    proxy_testkit::http_get(&topo.node, 10256, "/readyz").starts_with("HTTP/1.1 200")
 }
 
 pub fn run() -> anyhow::Result<()> {
