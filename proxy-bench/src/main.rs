@@ -427,6 +427,7 @@ fn report(opts: &Opts, counts: &[usize], samples: &[Sample], memory: &load::Memo
         opts.nft_max
     );
     let _ = writeln!(md, "![TCP connection rate against Service count](bench-rate.svg)\n");
+    let _ = writeln!(md, "What these figures mean against the targets, and what limits them: [benchmark-notes.md](benchmark-notes.md).\n");
     let raw: Vec<serde_json::Value> = samples
         .iter()
         .map(|s| {
