@@ -217,8 +217,8 @@ impl<M: MapOps> SyncEngine<M> {
         for b in &fe.backends {
             ids.push(self.backend_id(backend_value(b, key.proto), report)?);
         }
-        let current = self.frontends.get(&key).cloned();
-        let svc_id = match &current {
+        let current = self.frontends.get(&key);
+        let svc_id = match current {
             Some(p) if p.value.svc_id != 0 => p.value.svc_id,
             _ => {
                 let id = self.next_svc_id;
@@ -234,11 +234,12 @@ impl<M: MapOps> SyncEngine<M> {
             svc_id,
             affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
         };
-        let mut prog = current.unwrap_or_default();
-        let is_new = !self.frontends.contains_key(&key);
-        if !is_new && prog.value == value && prog.slots == ids {
+        // The common case on a large cluster: nothing changed; no copy.
+        if current.is_some_and(|p| p.value == value && p.slots == ids) {
             return Ok(());
         }
+        let is_new = current.is_none();
+        let mut prog = current.cloned().unwrap_or_default();
         // Slots first. Readers use the old count meanwhile; every slot they
         // can reach holds a backend that exists.
         for (i, id) in ids.iter().enumerate() {

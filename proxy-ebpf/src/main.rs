@@ -64,6 +64,12 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
 /// never cross an ingress hook. Everything else passes untouched.
 #[classifier]
 pub fn kp_tc_egress(ctx: TcContext) -> i32 {
+    // Forwarded packets (the pod-to-pod and pod-to-service path) were
+    // already handled at ingress; only locally generated ones matter here.
+    // SAFETY: reading a field of the skb we were handed.
+    if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
+        return TC_ACT_OK;
+    }
     let Ok(pkt) = packet::parse(&ctx) else {
         return TC_ACT_OK;
     };
