@@ -312,7 +312,10 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&report.json)?)?;
     if !opts.smoke {
-        std::fs::write(opts.root.join("docs/benchmarks.md"), &report.markdown)?;
+        // The analysis of targets lives beside the generated figures.
+        let notes = std::fs::read_to_string(opts.root.join("docs/benchmark-notes.md")).unwrap_or_default();
+        let notes = notes.replacen("# Benchmark notes", "# Notes", 1);
+        std::fs::write(opts.root.join("docs/benchmarks.md"), format!("{}\n{notes}", report.markdown))?;
         std::fs::write(opts.root.join("docs/bench-rate.svg"), plot(&counts, &samples))?;
     }
     println!("{}", report.summary);
