@@ -21,9 +21,24 @@ pub async fn serve(
         let metrics = metrics.clone();
         let refresh = refresh.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let Ok(n) = sock.read(&mut buf).await else { return };
-            let req = String::from_utf8_lossy(&buf[..n]);
+            // Read the request head (it may arrive in several segments),
+            // bounded in size and time.
+            let mut buf = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            let head = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(head, Ok(true)) {
+                return;
+            }
+            let req = String::from_utf8_lossy(&buf);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
                 "/healthz" | "/livez" => ("200 OK", "ok\n".to_owned()),

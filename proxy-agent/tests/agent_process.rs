@@ -7,7 +7,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Child,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -54,17 +54,12 @@ impl Harness {
     }
 
     fn start(&mut self) {
-        let child = self
-            .topo
-            .node
-            .command(env!("CARGO_BIN_EXE_proxy-agent"))
-            .args(["--manifests", self.manifests.to_str().unwrap(), "--interfaces", "veth*"])
-            .args(["--pin-dir", &self.pin_dir, "--poll-interval-ms", "100", "--node-name", "node-a"])
-            .args(["--metrics-addr", "127.0.0.1:10249", "--health-addr", "127.0.0.1:10256"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = common::spawn_agent(
+            &self.topo.node,
+            &self.pin_dir,
+            &["--manifests", self.manifests.to_str().unwrap()],
+            &["--poll-interval-ms", "100"],
+        );
         self.child = Some(child);
         assert!(wait_until(Duration::from_secs(15), || proxy_testkit::http_get(&self.topo.node, 10256, "/readyz").starts_with("HTTP/1.1 200")), "agent ready");
     }

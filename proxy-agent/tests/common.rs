@@ -135,3 +135,18 @@ pub fn slice_with(svc: &str, slice_name: &str, ports: &[(u16, &str)], endpoints:
         "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice_name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {svc}\naddressType: IPv4\nports:\n{p}endpoints:\n{e}"
     )
 }
+
+/// Starts the agent binary in `node`'s network namespace with the flags
+/// every process-level test shares, plus `mode` (`--manifests DIR` or
+/// `--kubeconfig FILE`) and `extra`.
+pub fn spawn_agent(node: &proxy_testkit::Netns, pin_dir: &str, mode: &[&str], extra: &[&str]) -> std::process::Child {
+    node.command(env!("CARGO_BIN_EXE_proxy-agent"))
+        .args(mode)
+        .args(["--interfaces", "veth*", "--pin-dir", pin_dir, "--node-name", "node-a"])
+        .args(["--metrics-addr", "127.0.0.1:10249", "--health-addr", "127.0.0.1:10256"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("starting proxy-agent")
+}

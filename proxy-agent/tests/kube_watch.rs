@@ -6,7 +6,7 @@ mod common;
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    process::{Child, Stdio},
+    process::Child,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -202,17 +202,7 @@ fn harness() -> Harness {
 
 impl Harness {
     fn start(&mut self) {
-        let child = self
-            .topo
-            .node
-            .command(env!("CARGO_BIN_EXE_proxy-agent"))
-            .args(["--kubeconfig", self.kubeconfig.to_str().unwrap(), "--interfaces", "veth*"])
-            .args(["--pin-dir", &self.pin_dir, "--node-name", "node-a"])
-            .args(["--metrics-addr", "127.0.0.1:10249", "--health-addr", "127.0.0.1:10256"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = common::spawn_agent(&self.topo.node, &self.pin_dir, &["--kubeconfig", self.kubeconfig.to_str().unwrap()], &[]);
         self.child = Some(child);
     }
 

@@ -340,7 +340,7 @@ pub fn http_get(ns: &Netns, port: u16, path: &str) -> String {
             return String::new();
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes());
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         out
