@@ -471,7 +471,14 @@ fn plot(counts: &[usize], samples: &[Sample]) -> String {
         let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.0}</text>", pad - 4.0, y(v) + 4.0, v);
     }
     for (j, (mode, color)) in modes.iter().enumerate() {
-        let pts: Vec<String> = counts.iter().enumerate().map(|(i, &n)| format!("{:.1},{:.1}", x(i), y(med(samples, mode, n, |s| s.tcp_crr.rate)))).collect();
+        // Counts a mode was not measured at (n/a) leave a gap.
+        let pts: Vec<String> = counts
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (i, med(samples, mode, n, |s| s.tcp_crr.rate)))
+            .filter(|(_, v)| v.is_finite())
+            .map(|(i, v)| format!("{:.1},{:.1}", x(i), y(v)))
+            .collect();
         let _ = writeln!(svg, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>", pts.join(" "));
         let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{mode}</text>", w - pad - 60.0, pad + 14.0 * j as f64);
     }
