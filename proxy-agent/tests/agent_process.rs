@@ -4,19 +4,14 @@
 mod common;
 
 use std::{
-    io::{Read as _, Write as _},
     net::{Ipv4Addr, TcpStream},
     path::{Path, PathBuf},
     process::Child,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
-    },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::{service, slice};
-use proxy_testkit::{EchoServer, Topology, require_root, tcp_connect, tcp_exchange, tcp_request, unique_prefix, wait_until};
+use proxy_testkit::{EchoServer, RequestStream, Topology, require_root, tcp_connect, tcp_exchange, tcp_request, unique_prefix, wait_until};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const T: Duration = Duration::from_secs(2);
@@ -128,42 +123,15 @@ fn kill_and_restart_interrupts_no_connection() {
         .collect();
 
     // A bounded stream of new connections across kill -9 and restart.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-    let client = h.topo.clients[0].ns.name.clone();
-    let stream = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        std::thread::spawn(move || {
-            let ns_file = std::fs::File::open(format!("/run/netns/{client}")).unwrap();
-            use std::os::fd::AsRawFd as _;
-            assert_eq!(unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && n < 20_000 {
-                n += 1;
-                let r = TcpStream::connect_timeout(&common::sa(VIP, 80).into(), T).and_then(|mut s| {
-                    s.set_read_timeout(Some(T))?;
-                    s.write_all(b"x\n")?;
-                    let mut b = [0u8; 16];
-                    let k = s.read(&mut b)?;
-                    if k == 0 { Err(std::io::Error::other("closed")) } else { Ok(()) }
-                });
-                match r {
-                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        })
-    };
+    let stream = RequestStream::start(&h.topo.clients[0].ns, common::sa(VIP, 80), 20_000).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     h.kill9();
     std::thread::sleep(Duration::from_millis(500)); // no agent at all meanwhile
     h.start();
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    stream.join().unwrap();
+    let r = stream.finish();
 
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = (r.ok, r.failed);
     assert!(ok > 50, "the stream made progress ({ok} requests)");
     assert_eq!(failed, 0, "no request failed across kill -9 and restart ({ok} succeeded)");
     for (s, who) in &mut conns {

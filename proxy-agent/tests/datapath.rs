@@ -195,10 +195,6 @@ fn nodeport_on_the_node_address() {
 
 #[test]
 fn rolling_endpoint_replacement_fails_no_request() {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
-    };
     let mut env = Env::new("i", 1, 3);
     let ports = [(80, "TCP")];
     let b = |env: &Env, idx: &[usize]| -> String {
@@ -206,53 +202,18 @@ fn rolling_endpoint_replacement_fails_no_request() {
         service("roll", "10.96.0.50", &ports, "") + &slice("roll", "roll-1", &ports, &ips)
     };
     env.apply(&b(&env, &[0]));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-    let seen = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u32>::new()));
-    let client = env.topo.clients[0].ns.name.clone();
-    let stream = {
-        let (stop, ok, failed, seen) = (stop.clone(), ok.clone(), failed.clone(), seen.clone());
-        std::thread::spawn(move || {
-            use std::os::fd::AsRawFd as _;
-            let f = std::fs::File::open(format!("/run/netns/{client}")).unwrap();
-            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            let end = Instant::now() + Duration::from_secs(30);
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) && Instant::now() < end && n < 50_000 {
-                n += 1;
-                let r = (|| -> std::io::Result<String> {
-                    use std::io::{Read as _, Write as _};
-                    let mut s = std::net::TcpStream::connect_timeout(&sa(Ipv4Addr::new(10, 96, 0, 50), 80).into(), T)?;
-                    s.set_read_timeout(Some(T))?;
-                    s.write_all(b"x\n")?;
-                    let mut buf = [0u8; 16];
-                    let k = s.read(&mut buf)?;
-                    Ok(String::from_utf8_lossy(&buf[..k]).trim().to_owned())
-                })();
-                match r {
-                    Ok(who) if !who.is_empty() => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                        *seen.lock().unwrap().entry(who).or_default() += 1;
-                    }
-                    _ => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        })
-    };
+    let stream = proxy_testkit::RequestStream::start(env.client(0), sa(Ipv4Addr::new(10, 96, 0, 50), 80), 50_000).unwrap();
     // A rolling update: one endpoint in, one out, repeatedly.
     for step in [&[0, 1][..], &[1], &[1, 2], &[2], &[2, 0], &[0], &[0, 1, 2], &[2]] {
         std::thread::sleep(Duration::from_millis(150));
         env.apply(&b(&env, step));
     }
     std::thread::sleep(Duration::from_millis(150));
-    stop.store(true, Ordering::Relaxed);
-    stream.join().unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let r = stream.finish();
+    let (ok, failed) = (r.ok, r.failed);
     assert!(ok > 100, "progress: {ok}");
     assert_eq!(failed, 0, "no failed request during the rolling replacement ({ok} ok)");
-    assert_eq!(seen.lock().unwrap().len(), 3, "every backend served at some point: {:?}", seen.lock().unwrap());
+    assert_eq!(r.seen.len(), 3, "every backend served at some point: {:?}", r.seen);
 }
 
 #[test]

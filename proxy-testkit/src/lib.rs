@@ -170,12 +170,6 @@ impl Topology {
         ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         Ok(Pod { name: name.to_owned(), ip, node_if, ns })
     }
-
-    /// Node-side interface names of every pod.
-    #[must_use]
-    pub fn node_interfaces(&self) -> Vec<String> {
-        self.clients.iter().chain(&self.backends).map(|p| p.node_if.clone()).collect()
-    }
 }
 
 /// TCP and UDP echo server answering every request with `<name>\n`, on
@@ -345,4 +339,68 @@ pub fn http_get(ns: &Netns, port: u16, path: &str) -> String {
         let _ = s.read_to_string(&mut out);
         out
     })
+}
+
+/// What a [`RequestStream`] saw.
+#[derive(Debug, Default)]
+pub struct StreamResult {
+    pub ok: u32,
+    pub failed: u32,
+    /// Successful answers by backend name.
+    pub seen: std::collections::BTreeMap<String, u32>,
+}
+
+/// A bounded stream of one-request TCP connections from `ns` to `to`, on
+/// its own thread, until stopped, `max` requests or 30 s.
+pub struct RequestStream {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<StreamResult>>,
+}
+
+impl RequestStream {
+    pub fn start(ns: &Netns, to: SocketAddrV4, max: u32) -> anyhow::Result<Self> {
+        let ns_file = ns.file.try_clone()?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            // SAFETY: setns on this thread only, with an open netns fd.
+            assert_eq!(unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut r = StreamResult::default();
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline && r.ok + r.failed < max {
+                let answer = (|| -> std::io::Result<String> {
+                    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(2))?;
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    s.write_all(b"x\n")?;
+                    let mut buf = [0u8; 64];
+                    let k = s.read(&mut buf)?;
+                    Ok(String::from_utf8_lossy(&buf[..k]).trim().to_owned())
+                })();
+                match answer {
+                    Ok(who) if !who.is_empty() => {
+                        r.ok += 1;
+                        *r.seen.entry(who).or_default() += 1;
+                    }
+                    _ => r.failed += 1,
+                }
+            }
+            r
+        });
+        Ok(Self { stop, thread: Some(thread) })
+    }
+
+    /// Stops the stream and returns what it saw.
+    pub fn finish(mut self) -> StreamResult {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map(|t| t.join().expect("request stream panicked")).unwrap_or_default()
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
