@@ -3,8 +3,9 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    path::PathBuf,
     sync::{Arc, atomic::Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::api::{
@@ -13,7 +14,8 @@ use k8s_openapi::api::{
 };
 
 use crate::{
-    datapath::{self, Datapath, DatapathConfig, PinnedMaps},
+    datapath::{self, Datapath, DatapathConfig, Iface, PinnedMaps},
+    ifaces::{Link, LinkEvent},
     metrics::Metrics,
     sync::{SyncEngine, SyncReport},
     translate::{self, NodeInfo, Skip, ZONE_LABEL},
@@ -27,6 +29,15 @@ pub struct AgentConfig {
     pub node_name: String,
     /// NodePort addresses when no Node object says otherwise.
     pub node_ips: Vec<IpAddr>,
+    /// Choose backends by Maglev tables (consistent) instead of at random.
+    pub maglev: bool,
+}
+
+/// An interface whose attach failed, retried with backoff.
+struct Retry {
+    iface: Iface,
+    at: Instant,
+    backoff: Duration,
 }
 
 pub struct Agent {
@@ -34,7 +45,12 @@ pub struct Agent {
     datapath: Datapath,
     engine: SyncEngine<PinnedMaps>,
     metrics: Arc<Metrics>,
-    attached: BTreeSet<String>,
+    /// Attached interfaces by index.
+    attached: BTreeMap<u32, Iface>,
+    retry: BTreeMap<u32, Retry>,
+    /// Every link present (index -> name), for pruning stale pins.
+    links: BTreeMap<u32, String>,
+    migration_done: bool,
     last_skipped: BTreeSet<Skip>,
     last_failed: BTreeSet<(String, String)>,
     cache: translate::TranslationCache,
@@ -67,34 +83,112 @@ impl Agent {
     pub fn start(cfg: AgentConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let datapath = Datapath::load(&cfg.datapath)?;
         let maps = PinnedMaps::open(&cfg.datapath.pin_dir())?;
-        let engine = SyncEngine::adopt(maps)?;
+        let mut engine = SyncEngine::adopt(maps)?;
+        engine.set_maglev(cfg.maglev);
         let (f, b) = engine.counts();
         tracing::info!(frontends = f, backends = b, pin_dir = %cfg.datapath.pin_dir().display(), "datapath loaded, maps adopted");
-        Ok(Self { cfg, datapath, engine, metrics, attached: BTreeSet::new(), last_skipped: BTreeSet::new(), last_failed: BTreeSet::new(), cache: translate::TranslationCache::default() })
+        Ok(Self {
+            cfg,
+            datapath,
+            engine,
+            metrics,
+            attached: BTreeMap::new(),
+            retry: BTreeMap::new(),
+            links: BTreeMap::new(),
+            migration_done: false,
+            last_skipped: BTreeSet::new(),
+            last_failed: BTreeSet::new(),
+            cache: translate::TranslationCache::default(),
+        })
     }
 
-    /// Attaches to every matching interface not attached yet. Errors are
-    /// logged per interface and never stop the agent.
+    /// Lists the links now (netlink dump) and attaches to every matching
+    /// interface not attached yet. Returns how many were attached.
     pub fn attach_interfaces(&mut self) -> anyhow::Result<usize> {
-        let names = datapath::matching_interfaces(&self.cfg.interfaces)?;
+        let links = crate::ifaces::dump()?;
+        Ok(self.on_link_event(LinkEvent::All(links)))
+    }
+
+    /// Applies one link event: attaches new matching interfaces (an index
+    /// not seen before, also under a known name), forgets vanished ones and
+    /// removes their pinned links. Errors are logged per interface, retried
+    /// with backoff, and never stop the agent. Returns how many were attached.
+    pub fn on_link_event(&mut self, ev: LinkEvent) -> usize {
+        let mut new: Vec<Link> = Vec::new();
+        match ev {
+            LinkEvent::All(all) => {
+                self.links = all.iter().map(|l| (l.index, l.name.clone())).collect();
+                self.attached.retain(|i, a| self.links.get(i) == Some(&a.name));
+                self.retry.retain(|i, r| self.links.get(i) == Some(&r.iface.name));
+                new = all;
+            }
+            LinkEvent::New(l) => {
+                if self.attached.get(&l.index).is_some_and(|a| a.name != l.name) {
+                    // Renamed: attach again under the new name.
+                    self.attached.remove(&l.index);
+                }
+                self.links.insert(l.index, l.name.clone());
+                new.push(l);
+            }
+            LinkEvent::Gone { index, name } => {
+                self.links.remove(&index);
+                self.attached.remove(&index);
+                self.retry.remove(&index);
+                tracing::info!(iface = %name, index, "interface gone");
+            }
+        }
+        for pin in self.datapath.prune_links(&self.links) {
+            tracing::info!(pin, "removed the pinned link of a vanished interface");
+        }
         let mut n = 0;
-        for name in &names {
-            if self.attached.contains(name) {
+        for l in new {
+            if self.attached.contains_key(&l.index) || !datapath::matches_patterns(&l.name, &self.cfg.interfaces) {
                 continue;
             }
-            match self.datapath.attach(name) {
-                Ok(()) => {
-                    self.attached.insert(name.clone());
-                    n += 1;
-                }
-                Err(e) => tracing::warn!(iface = %name, error = format!("{e:#}"), "cannot attach"),
-            }
+            let Some(iface) = l.iface() else {
+                tracing::warn!(iface = %l.name, "device type not supported (neither Ethernet nor an L3 tunnel); not attached");
+                continue;
+            };
+            n += usize::from(self.try_attach(iface, Duration::from_millis(100)));
         }
-        self.attached.retain(|a| names.contains(a));
-        if names.is_empty() {
+        if self.attached.is_empty() && self.retry.is_empty() {
             tracing::warn!(patterns = ?self.cfg.interfaces, "no interface matches --interfaces; no traffic is translated");
         }
-        Ok(n)
+        if n > 0 && !self.migration_done {
+            self.datapath.finish_migration();
+            self.migration_done = true;
+        }
+        n
+    }
+
+    fn try_attach(&mut self, iface: Iface, backoff: Duration) -> bool {
+        match self.datapath.attach(&iface) {
+            Ok(()) => {
+                tracing::info!(iface = %iface.name, index = iface.index, kind = ?iface.kind, "attached");
+                self.retry.remove(&iface.index);
+                self.attached.insert(iface.index, iface);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(iface = %iface.name, error = format!("{e:#}"), retry_in = ?backoff, "cannot attach; will retry");
+                self.metrics.attach_errors.fetch_add(1, Ordering::Relaxed);
+                let at = Instant::now() + backoff;
+                self.retry.insert(iface.index, Retry { iface, at, backoff });
+                false
+            }
+        }
+    }
+
+    /// Retries failed attaches whose backoff has passed (doubling, up to 30 s).
+    pub fn retry_attach(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Retry> = {
+            let idx: Vec<u32> = self.retry.iter().filter(|(_, r)| r.at <= now).map(|(i, _)| *i).collect();
+            idx.into_iter().filter_map(|i| self.retry.remove(&i)).collect()
+        };
+        for r in due {
+            self.try_attach(r.iface, (r.backoff * 2).min(Duration::from_secs(30)));
+        }
     }
 
     #[must_use]
@@ -103,8 +197,8 @@ impl Agent {
     }
 
     #[must_use]
-    pub fn attached(&self) -> &BTreeSet<String> {
-        &self.attached
+    pub fn attached(&self) -> BTreeSet<String> {
+        self.attached.values().map(|i| i.name.clone()).collect()
     }
 
     /// Programs the maps from the full set of objects.
@@ -112,17 +206,10 @@ impl Agent {
         let start = Instant::now();
         let node = node_info(&self.cfg, nodes);
         let desired = translate::translate_all_cached(services, slices, &node, &mut self.cache);
+        // UDP flows of a backend that left a frontend move at their next
+        // packet (the datapath checks membership); the collector removes
+        // their entries in the background.
         let report = self.engine.sync(&desired);
-        let udp_gone: BTreeSet<u32> = report
-            .removed_backends
-            .iter()
-            .filter(|(_, b)| b.proto == proxy_common::IPPROTO_UDP)
-            .map(|(id, _)| *id)
-            .collect();
-        let flushed = self.engine.maps_mut().flush_conntrack(&udp_gone);
-        if flushed > 0 {
-            tracing::info!(entries = flushed, backends = udp_gone.len(), "flushed conntrack of removed UDP backends");
-        }
         let now = Instant::now();
         self.metrics.observe_sync(now - start);
         if report.writes + report.deletes > 0 {
@@ -169,4 +256,32 @@ impl Agent {
             );
         }
     }
+}
+
+/// Starts the conntrack collector: every `interval` it removes expired
+/// flows and stale entries (see [`datapath::Conntrack::collect`]) and
+/// reports the maps' fill. Runs on its own thread, outside the sync loop.
+pub fn spawn_conntrack_gc(pin_dir: PathBuf, cfg: DatapathConfig, interval: Duration, metrics: Arc<Metrics>) {
+    std::thread::Builder::new()
+        .name("kproxy-ct-gc".into())
+        .spawn(move || {
+            let mut ct = match datapath::Conntrack::open(&pin_dir) {
+                Ok(ct) => ct,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "conntrack collector cannot open the maps; not running");
+                    return;
+                }
+            };
+            loop {
+                let r = ct.collect(datapath::monotonic_ns());
+                metrics.set_map_fill(proxy_common::MAP_CT_TCP, r.tcp_entries as u64, u64::from(cfg.max_conntrack));
+                metrics.set_map_fill(proxy_common::MAP_CT_ANY, r.other_entries as u64, u64::from(cfg.max_conntrack_other));
+                metrics.ct_collected.fetch_add((r.expired + r.left_backend + r.orphans) as u64, Ordering::Relaxed);
+                if r.expired + r.left_backend + r.orphans > 0 {
+                    tracing::debug!(?r, "conntrack collected");
+                }
+                std::thread::sleep(interval);
+            }
+        })
+        .expect("spawning the conntrack collector");
 }

@@ -1,10 +1,20 @@
 //! Loading, pinning and attaching the eBPF datapath, and map access.
 //!
 //! Maps are pinned under `<bpffs>/<pin dir>/<map name>` and links under
-//! `<pin dir>/links/in_<interface>` and `eg_<interface>`. A restarted agent opens the pinned maps
-//! (keeping services, backends and conntrack) and atomically replaces the
-//! program behind each pinned tcx link, so no packet meets a detached hook.
+//! `<pin dir>/links/in_<ifindex>_<interface>` and `eg_<ifindex>_<interface>`
+//! (the index tells an interface recreated under the same name from the old
+//! one). A restarted agent opens the pinned maps (keeping services, backends
+//! and conntrack) and atomically replaces the program behind each pinned tcx
+//! link, so no packet meets a detached hook.
+//!
+//! Attach positions (tcx): ingress first, so Service addresses are translated
+//! before other programs (a CNI's policy) see the packet, as they would after
+//! kube-proxy's DNAT; egress last, so the others see the reply as
+//! backend -> client, like the stack did. Both return "next" for everything
+//! they let through (see the datapath's chaining contract).
 use std::{
+    collections::BTreeMap,
+    os::fd::AsFd as _,
     ffi::CString,
     fs, io,
     os::unix::ffi::OsStrExt as _,
@@ -13,8 +23,8 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap as AyaHashMap, Map, MapData, PerCpuArray},
+    Ebpf, EbpfLoader, Pod,
+    maps::{Array, HashMap as AyaHashMap, Map, MapData, PerCpuArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -23,8 +33,10 @@ use aya::{
     util::KernelVersion,
 };
 use proxy_common::{
-    ALL_MAPS, Backend, CtKey, CtValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_SERVICES, MAP_STATS,
-    PROG_TC_EGRESS, PROG_TC_INGRESS, STAT_COUNT, ServiceKey, ServiceValue, Stat,
+    ALL_MAPS, AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CT_ANY,
+    MAP_CT_TCP, MAP_MAGLEV, MAP_MEMBERS, MAP_META, MAP_SERVICES, MAP_STATS, MAP_VIPS, META_COUNT, MaglevTable,
+    MemberKey, PROG_TC_EGRESS, PROG_TC_EGRESS_L3, PROG_TC_INGRESS, PROG_TC_INGRESS_L3, RETIRED_MAPS, STAT_COUNT,
+    ServiceKey, ServiceValue, Stat, VipValue,
 };
 
 use crate::sync::{MapError, MapOps};
@@ -43,7 +55,10 @@ pub struct DatapathConfig {
     pub pin_dir_name: String,
     pub max_services: u32,
     pub max_backends: u32,
+    /// TCP conntrack capacity (two entries per flow).
     pub max_conntrack: u32,
+    /// UDP and other conntrack capacity (two entries per flow).
+    pub max_conntrack_other: u32,
     pub max_affinity: u32,
 }
 
@@ -54,7 +69,8 @@ impl Default for DatapathConfig {
             pin_dir_name: proxy_common::PIN_DIR_NAME.to_owned(),
             max_services: proxy_common::DEFAULT_MAX_SERVICE_ENTRIES,
             max_backends: proxy_common::DEFAULT_MAX_BACKENDS,
-            max_conntrack: proxy_common::DEFAULT_MAX_CT,
+            max_conntrack: proxy_common::DEFAULT_MAX_CT_TCP,
+            max_conntrack_other: proxy_common::DEFAULT_MAX_CT_ANY,
             max_affinity: proxy_common::DEFAULT_MAX_AFFINITY,
         }
     }
@@ -64,6 +80,19 @@ impl DatapathConfig {
     #[must_use]
     pub fn pin_dir(&self) -> PathBuf {
         self.bpffs.join(&self.pin_dir_name)
+    }
+
+    /// Capacity of each map whose size is configurable.
+    fn sizes(&self) -> [(&'static str, u32); 7] {
+        [
+            (MAP_SERVICES, self.max_services),
+            (MAP_MEMBERS, self.max_services),
+            (MAP_VIPS, self.max_services),
+            (MAP_BACKENDS, self.max_backends),
+            (MAP_CT_TCP, self.max_conntrack),
+            (MAP_CT_ANY, self.max_conntrack_other),
+            (MAP_AFFINITY, self.max_affinity),
+        ]
     }
 }
 
@@ -94,91 +123,234 @@ pub fn ensure_bpffs(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What kind of device an interface is, which decides the program it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// Frames start with an Ethernet header (veth, NICs, bridge ports, VXLAN).
+    Ethernet,
+    /// Packets start with the IP header (WireGuard, IPIP, GRE, tun).
+    L3,
+}
+
+/// An interface to attach to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Iface {
+    pub index: u32,
+    pub name: String,
+    pub kind: DeviceKind,
+}
+
+/// A map whose pinned size differs from the configured one: its entries are
+/// copied into the new map, and conntrack copied once more after the new
+/// program is attached (flows the old program created meanwhile).
+struct Migration {
+    name: &'static str,
+    old: MapData,
+}
+
 /// Loaded programs and maps.
 pub struct Datapath {
     ebpf: Ebpf,
     cfg: DatapathConfig,
+    migrations: Vec<Migration>,
+}
+
+/// A second handle on a pinned map, typed.
+fn typed<K: Pod, V: Pod>(map: &MapData) -> anyhow::Result<AyaHashMap<MapData, K, V>> {
+    let fd = map.fd().as_fd().try_clone_to_owned()?;
+    Ok(AyaHashMap::try_from(Map::from_map_data(MapData::from_fd(fd)?)?)?)
+}
+
+/// Copies every entry of `old` into `new` (or only counts them when `new`
+/// is `None`).
+fn copy_typed<K: Pod, V: Pod>(old: &MapData, new: Option<&mut Map>, flags: u64) -> anyhow::Result<usize> {
+    let old: AyaHashMap<MapData, K, V> = typed(old)?;
+    let Some(new) = new else { return Ok(old.keys().count()) };
+    let mut new: AyaHashMap<&mut MapData, K, V> = AyaHashMap::try_from(new)?;
+    let mut n = 0;
+    for (k, v) in old.iter().filter_map(Result::ok) {
+        match new.insert(k, v, flags) {
+            Ok(()) => n += 1,
+            // BPF_NOEXIST: the new program already wrote a newer entry.
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(n)
+}
+
+fn copy_entries(name: &str, old: &MapData, new: Option<&mut Map>, flags: u64) -> anyhow::Result<usize> {
+    match name {
+        MAP_SERVICES => copy_typed::<ServiceKey, ServiceValue>(old, new, flags),
+        MAP_MEMBERS => copy_typed::<MemberKey, u32>(old, new, flags),
+        MAP_VIPS => copy_typed::<[u8; 16], VipValue>(old, new, flags),
+        MAP_BACKENDS => copy_typed::<u32, Backend>(old, new, flags),
+        MAP_CT_TCP | MAP_CT_ANY => copy_typed::<CtKey, CtValue>(old, new, flags),
+        MAP_AFFINITY => copy_typed::<AffinityKey, AffinityValue>(old, new, flags),
+        other => bail!("map {other} cannot be migrated"),
+    }
 }
 
 impl Datapath {
-    /// Loads the object, adopting maps pinned by a previous agent.
+    /// Loads the object, adopting maps pinned by a previous agent. A pinned
+    /// map whose size differs from the configured one is migrated into a
+    /// map of the new size with its entries, or the load fails saying why.
     pub fn load(cfg: &DatapathConfig) -> anyhow::Result<Self> {
         ensure_bpffs(&cfg.bpffs)?;
         let pin_dir = cfg.pin_dir();
         fs::create_dir_all(pin_dir.join("links"))
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
         raise_memlock();
+        let mut migrations = Vec::new();
+        for (name, want) in cfg.sizes() {
+            let path = pin_dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            let old = MapData::from_pin(&path)
+                .with_context(|| format!("opening pinned map {} (remove it with `proxy-agent cleanup`)", path.display()))?;
+            let info = old.info()?;
+            if info.max_entries() == want {
+                continue;
+            }
+            let entries = copy_entries(name, &old, None, 0)?;
+            if entries > want as usize {
+                bail!(
+                    "map {name} holds {entries} entries, more than the configured capacity {want}; \
+                     start with a capacity of at least {entries} (it is {} now), or run `proxy-agent cleanup` to start empty",
+                    info.max_entries()
+                );
+            }
+            tracing::info!(map = name, from = info.max_entries(), to = want, entries, "resizing pinned map");
+            fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            migrations.push(Migration { name, old });
+        }
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        loader
-            .map_max_entries(MAP_SERVICES, cfg.max_services)
-            .map_max_entries(MAP_BACKENDS, cfg.max_backends)
-            .map_max_entries(MAP_CT, cfg.max_conntrack)
-            .map_max_entries(MAP_AFFINITY, cfg.max_affinity);
-        let mut ebpf = loader.load(EBPF_OBJECT).context(
-            "loading the eBPF object failed (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF); \
-             if a pinned map has an incompatible layout, run `proxy-agent cleanup`",
-        )?;
-        for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
+        for (name, size) in cfg.sizes() {
+            loader.map_max_entries(name, size);
+        }
+        let loaded = loader.load(EBPF_OBJECT);
+        let mut ebpf = match loaded {
+            Ok(e) => e,
+            Err(e) => {
+                // Put the old maps back, so nothing is lost.
+                for m in &migrations {
+                    let _ = m.old.pin(pin_dir.join(m.name));
+                }
+                return Err(anyhow::Error::new(e).context(
+                    "loading the eBPF object failed (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF); \
+                     if a pinned map has an incompatible layout, run `proxy-agent cleanup`",
+                ));
+            }
+        };
+        for m in &migrations {
+            let new = ebpf.map_mut(m.name).ok_or_else(|| anyhow!("map {} missing from the object", m.name))?;
+            let n = copy_entries(m.name, &m.old, Some(new), 0).with_context(|| format!("copying the entries of {}", m.name))?;
+            tracing::info!(map = m.name, entries = n, "entries migrated");
+        }
+        for name in [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_TC_INGRESS_L3, PROG_TC_EGRESS_L3] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
                 .try_into()?;
             prog.load().with_context(|| format!("the verifier rejected the TC program {name}"))?;
         }
-        Ok(Self { ebpf, cfg: cfg.clone() })
+        for old in RETIRED_MAPS {
+            // Programs still running use them by fd; the pins only go.
+            let _ = fs::remove_file(pin_dir.join(old));
+        }
+        ensure_meta(&pin_dir)?;
+        Ok(Self { ebpf, cfg: cfg.clone(), migrations })
     }
 
-    fn program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
-        self.program_named(PROG_TC_INGRESS)
+    /// Once the new programs are attached everywhere: copies the conntrack
+    /// entries the old programs created since the load, then lets the old
+    /// maps go.
+    pub fn finish_migration(&mut self) {
+        for m in std::mem::take(&mut self.migrations) {
+            if m.name != MAP_CT_TCP && m.name != MAP_CT_ANY {
+                continue;
+            }
+            if let Some(new) = self.ebpf.map_mut(m.name) {
+                match copy_entries(m.name, &m.old, Some(new), 1 /* BPF_NOEXIST */) {
+                    Ok(n) => tracing::info!(map = m.name, entries = n, "late conntrack entries migrated"),
+                    Err(e) => tracing::warn!(map = m.name, error = format!("{e:#}"), "late conntrack migration"),
+                }
+            }
+        }
     }
 
     fn program_named(&mut self, name: &str) -> anyhow::Result<&mut SchedClassifier> {
         Ok(self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?)
     }
 
-    /// Runs the ingress program on `packet` with `BPF_PROG_TEST_RUN`.
+    /// Runs the Ethernet ingress program on `packet` with `BPF_PROG_TEST_RUN`.
     /// Returns the verdict, the output frame and the mean time per run.
     pub fn test_run(&mut self, packet: &[u8], repeat: u32) -> anyhow::Result<(i32, Vec<u8>, std::time::Duration)> {
+        self.test_run_program(PROG_TC_INGRESS, packet, repeat)
+    }
+
+    /// Runs program `name` on `packet` with `BPF_PROG_TEST_RUN`.
+    pub fn test_run_program(
+        &mut self,
+        name: &str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> anyhow::Result<(i32, Vec<u8>, std::time::Duration)> {
         use aya::programs::{TestRun as _, TestRunOptions};
         let mut out = vec![0u8; packet.len() + 256];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
         opts.data_out = Some(&mut out);
         opts.repeat = repeat.max(1);
-        let r = self.program()?.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+        let r = self.program_named(name)?.test_run(opts).context("BPF_PROG_TEST_RUN")?;
         out.truncate(r.data_size_out as usize);
         Ok((r.return_value as i32, out, r.duration))
     }
 
-    /// Attaches the ingress program to `iface` (in the calling thread's
-    /// network namespace). With tcx the link is pinned, and a link pinned by
-    /// a previous agent is updated in place, atomically.
-    pub fn attach(&mut self, iface: &str) -> anyhow::Result<()> {
-        // bpffs refuses names with a dot; interface names may have one (VLANs).
-        let safe = iface.replace('.', "_");
-        self.attach_one(iface, PROG_TC_INGRESS, TcAttachType::Ingress, format!("in_{safe}"))?;
-        self.attach_one(iface, PROG_TC_EGRESS, TcAttachType::Egress, format!("eg_{safe}"))
+    /// Attaches ingress and egress programs for `iface`'s kind (in the
+    /// calling thread's network namespace). With tcx the links are pinned,
+    /// and links pinned by a previous agent for the same interface are
+    /// updated in place, atomically.
+    pub fn attach(&mut self, iface: &Iface) -> anyhow::Result<()> {
+        let (ing, eg) = match iface.kind {
+            DeviceKind::Ethernet => (PROG_TC_INGRESS, PROG_TC_EGRESS),
+            DeviceKind::L3 => (PROG_TC_INGRESS_L3, PROG_TC_EGRESS_L3),
+        };
+        let [pin_in, pin_eg] = link_pin_names(iface);
+        self.attach_one(iface, ing, TcAttachType::Ingress, pin_in, LinkOrder::first())?;
+        self.attach_one(iface, eg, TcAttachType::Egress, pin_eg, LinkOrder::last())
     }
 
-    fn attach_one(&mut self, iface: &str, name: &str, dir: TcAttachType, pin_name: String) -> anyhow::Result<()> {
+    fn attach_one(
+        &mut self,
+        iface: &Iface,
+        name: &str,
+        dir: TcAttachType,
+        pin_name: String,
+        order: LinkOrder,
+    ) -> anyhow::Result<()> {
         let link_pin = self.cfg.pin_dir().join("links").join(pin_name);
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let ifname = iface.name.as_str();
         let prog = self.program_named(name)?;
         if !tcx {
             // clsact + netlink filter: replace our own filter, keep others.
-            if let Err(e) = tc::qdisc_add_clsact(iface) {
+            if let Err(e) = tc::qdisc_add_clsact(ifname) {
                 if !matches!(&e, tc::TcError::IoError(io) if io.kind() == io::ErrorKind::AlreadyExists) {
-                    tracing::debug!(iface, error = %e, "clsact qdisc");
+                    tracing::debug!(iface = ifname, error = %e, "clsact qdisc");
                 }
             }
-            let _ = tc::qdisc_detach_program(iface, dir, name);
+            for old in [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_TC_INGRESS_L3, PROG_TC_EGRESS_L3] {
+                let _ = tc::qdisc_detach_program(ifname, dir, old);
+            }
             let id = prog
-                .attach_with_options(iface, dir, TcAttachOptions::Netlink(Default::default()))
-                .with_context(|| format!("attaching to {iface} via netlink"))?;
+                .attach_with_options(ifname, dir, TcAttachOptions::Netlink(Default::default()))
+                .with_context(|| format!("attaching to {ifname} via netlink"))?;
             // Keep the filter when the agent exits, like a pinned link.
             let link = prog.take_link(id)?;
             std::mem::forget(link);
@@ -195,27 +367,74 @@ impl Datapath {
                             // without detaching.
                             let link = prog.take_link(id)?;
                             std::mem::forget(link);
-                            tracing::info!(iface, program = name, "replaced program on pinned tcx link");
+                            tracing::info!(iface = ifname, program = name, "replaced program on pinned tcx link");
                             return Ok(());
                         }
                         Err(e) => {
-                            tracing::warn!(iface, error = %e, "pinned link is stale; attaching anew");
+                            tracing::warn!(iface = ifname, error = %e, "pinned link is stale; attaching anew");
                         }
                     }
                 }
-                Err(e) => tracing::warn!(iface, error = %e, "unreadable link pin; attaching anew"),
+                Err(e) => tracing::warn!(iface = ifname, error = %e, "unreadable link pin; attaching anew"),
             }
             let _ = fs::remove_file(&link_pin);
         }
-        let id = prog
-            .attach_with_options(iface, dir, TcAttachOptions::TcxOrder(LinkOrder::default()))
-            .with_context(|| format!("attaching the TC program to interface {iface:?} (does it exist in this network namespace?)"))?;
+        let id = prog.attach_with_options(ifname, dir, TcAttachOptions::TcxOrder(order)).with_context(|| {
+            format!("attaching the TC program to interface {ifname:?} (does it exist in this network namespace?)")
+        })?;
         let link = prog.take_link(id)?;
         let fd_link: FdLink = link.try_into()?;
         fd_link.pin(&link_pin).with_context(|| format!("pinning link {}", link_pin.display()))?;
-        tracing::info!(iface, program = name, "attached (tcx)");
+        tracing::info!(iface = ifname, index = iface.index, program = name, "attached (tcx)");
         Ok(())
     }
+
+    /// Removes the pinned links of interfaces that are gone (or were
+    /// recreated: same name, new index). `present` maps index -> name.
+    /// Returns the pins removed.
+    pub fn prune_links(&self, present: &BTreeMap<u32, String>) -> Vec<String> {
+        let mut removed = Vec::new();
+        let Ok(entries) = fs::read_dir(self.cfg.pin_dir().join("links")) else { return removed };
+        for e in entries.flatten() {
+            let pin = e.file_name().to_string_lossy().into_owned();
+            let keep = parse_link_pin(&pin)
+                .is_some_and(|(index, name)| present.get(&index).is_some_and(|n| n.replace('.', "_") == name));
+            if !keep {
+                if let Ok(p) = PinnedLink::from_pin(e.path()) {
+                    let _ = p.unpin();
+                } else {
+                    let _ = fs::remove_file(e.path());
+                }
+                removed.push(pin);
+            }
+        }
+        removed
+    }
+}
+
+/// Pin names of an interface's ingress and egress links. bpffs refuses
+/// names with a dot; interface names may have one (VLANs).
+fn link_pin_names(iface: &Iface) -> [String; 2] {
+    let safe = iface.name.replace('.', "_");
+    [format!("in_{}_{safe}", iface.index), format!("eg_{}_{safe}", iface.index)]
+}
+
+/// (index, name) of a link pin made by [`link_pin_names`].
+fn parse_link_pin(pin: &str) -> Option<(u32, &str)> {
+    let rest = pin.strip_prefix("in_").or_else(|| pin.strip_prefix("eg_"))?;
+    let (index, name) = rest.split_once('_')?;
+    Some((index.parse().ok()?, name))
+}
+
+/// Creates and pins the agent's meta map unless it is pinned already.
+fn ensure_meta(pin_dir: &Path) -> anyhow::Result<()> {
+    let path = pin_dir.join(MAP_META);
+    if path.exists() {
+        return Ok(());
+    }
+    let meta: Array<MapData, u64> = Array::create(META_COUNT, 0).context("creating the meta map")?;
+    meta.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+    Ok(())
 }
 
 fn raise_memlock() {
@@ -231,11 +450,14 @@ fn open_pinned(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
     Ok(Map::from_map_data(data)?)
 }
 
-/// The services and backends maps, opened from their pins.
+/// The maps the agent writes, opened from their pins.
 pub struct PinnedMaps {
     services: AyaHashMap<MapData, ServiceKey, ServiceValue>,
     backends: AyaHashMap<MapData, u32, Backend>,
-    ct: AyaHashMap<MapData, CtKey, CtValue>,
+    members: AyaHashMap<MapData, MemberKey, u32>,
+    maglev: AyaHashMap<MapData, u32, MaglevTable>,
+    vips: AyaHashMap<MapData, [u8; 16], VipValue>,
+    meta: Array<MapData, u64>,
 }
 
 impl PinnedMaps {
@@ -243,31 +465,11 @@ impl PinnedMaps {
         Ok(Self {
             services: AyaHashMap::try_from(open_pinned(pin_dir, MAP_SERVICES)?)?,
             backends: AyaHashMap::try_from(open_pinned(pin_dir, MAP_BACKENDS)?)?,
-            ct: AyaHashMap::try_from(open_pinned(pin_dir, MAP_CT)?)?,
+            members: AyaHashMap::try_from(open_pinned(pin_dir, MAP_MEMBERS)?)?,
+            maglev: AyaHashMap::try_from(open_pinned(pin_dir, MAP_MAGLEV)?)?,
+            vips: AyaHashMap::try_from(open_pinned(pin_dir, MAP_VIPS)?)?,
+            meta: Array::try_from(open_pinned(pin_dir, MAP_META)?)?,
         })
-    }
-
-    /// Deletes every conntrack entry (both directions) of flows to the given
-    /// backends. kube-proxy does this for UDP endpoints that go away, so a
-    /// client reusing its source port is not blackholed to a dead pod.
-    pub fn flush_conntrack(&mut self, backend_ids: &std::collections::BTreeSet<u32>) -> usize {
-        if backend_ids.is_empty() {
-            return 0;
-        }
-        let stale: Vec<CtKey> = self
-            .ct
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| backend_ids.contains(&v.backend_id))
-            .map(|(k, _)| k)
-            .collect();
-        let mut n = 0;
-        for k in stale {
-            if self.ct.remove(&k).is_ok() {
-                n += 1;
-            }
-        }
-        n
     }
 }
 
@@ -278,6 +480,14 @@ fn map_err(map: &'static str, e: aya::maps::MapError) -> MapError {
         return MapError::Full { map };
     }
     MapError::Io { map, source: io::Error::other(e.to_string()) }
+}
+
+/// Deleting an absent key is not an error.
+fn removed(map: &'static str, r: Result<(), aya::maps::MapError>) -> Result<(), MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        r => r.map_err(|e| map_err(map, e)),
+    }
 }
 
 impl MapOps for PinnedMaps {
@@ -291,19 +501,43 @@ impl MapOps for PinnedMaps {
         self.services.insert(key, value, 0).map_err(|e| map_err(MAP_SERVICES, e))
     }
     fn del_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
-        match self.services.remove(&key) {
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            r => r.map_err(|e| map_err(MAP_SERVICES, e)),
-        }
+        removed(MAP_SERVICES, self.services.remove(&key))
     }
     fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapError> {
         self.backends.insert(id, backend, 0).map_err(|e| map_err(MAP_BACKENDS, e))
     }
     fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
-        match self.backends.remove(&id) {
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            r => r.map_err(|e| map_err(MAP_BACKENDS, e)),
-        }
+        removed(MAP_BACKENDS, self.backends.remove(&id))
+    }
+    fn members(&self) -> Result<Vec<MemberKey>, MapError> {
+        self.members.keys().map(|r| r.map_err(|e| map_err(MAP_MEMBERS, e))).collect()
+    }
+    fn put_member(&mut self, key: MemberKey) -> Result<(), MapError> {
+        self.members.insert(key, 1, 0).map_err(|e| map_err(MAP_MEMBERS, e))
+    }
+    fn del_member(&mut self, key: MemberKey) -> Result<(), MapError> {
+        removed(MAP_MEMBERS, self.members.remove(&key))
+    }
+    fn put_maglev(&mut self, svc_id: u32, table: &MaglevTable) -> Result<(), MapError> {
+        self.maglev.insert(svc_id, table, 0).map_err(|e| map_err(MAP_MAGLEV, e))
+    }
+    fn del_maglev(&mut self, svc_id: u32) -> Result<(), MapError> {
+        removed(MAP_MAGLEV, self.maglev.remove(&svc_id))
+    }
+    fn vips(&self) -> Result<Vec<([u8; 16], VipValue)>, MapError> {
+        self.vips.iter().map(|r| r.map_err(|e| map_err(MAP_VIPS, e))).collect()
+    }
+    fn put_vip(&mut self, addr: [u8; 16], value: VipValue) -> Result<(), MapError> {
+        self.vips.insert(addr, value, 0).map_err(|e| map_err(MAP_VIPS, e))
+    }
+    fn del_vip(&mut self, addr: [u8; 16]) -> Result<(), MapError> {
+        removed(MAP_VIPS, self.vips.remove(&addr))
+    }
+    fn meta(&self, slot: u32) -> Result<u64, MapError> {
+        self.meta.get(&slot, 0).map_err(|e| map_err(MAP_META, e))
+    }
+    fn put_meta(&mut self, slot: u32, value: u64) -> Result<(), MapError> {
+        self.meta.set(slot, value, 0).map_err(|e| map_err(MAP_META, e))
     }
 }
 
@@ -318,10 +552,128 @@ pub fn read_stats(pin_dir: &Path) -> anyhow::Result<Vec<(Stat, u64)>> {
     Ok(out)
 }
 
-/// Number of conntrack entries (forward and reply), by walking the map.
+/// Both conntrack maps, opened from their pins.
+pub struct Conntrack {
+    maps: [(&'static str, AyaHashMap<MapData, CtKey, CtValue>); 2],
+    members: AyaHashMap<MapData, MemberKey, u32>,
+}
+
+/// What one collector pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Entries left in the TCP and the other map.
+    pub tcp_entries: usize,
+    pub other_entries: usize,
+    /// Forward entries past their lifetime (removed with their reply entry).
+    pub expired: usize,
+    /// Non-TCP flows whose backend left their frontend.
+    pub left_backend: usize,
+    /// Reply entries without a forward entry.
+    pub orphans: usize,
+}
+
+/// Reply entries younger than this are never orphans: the datapath writes
+/// the reply entry just before the forward one.
+const ORPHAN_GRACE_NS: u64 = 5_000_000_000;
+
+/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime with a valid out-parameter.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The reply key of a forward entry.
+fn reply_key_of(fkey: &CtKey, f: &CtValue) -> CtKey {
+    CtKey {
+        saddr: f.nat_addr,
+        daddr: if f.flags & proxy_common::CT_F_HAIRPIN != 0 { fkey.daddr } else { fkey.saddr },
+        sport: f.nat_port,
+        dport: fkey.sport,
+        proto: fkey.proto,
+        _pad: [0; 3],
+    }
+}
+
+impl Conntrack {
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            maps: [
+                (MAP_CT_TCP, AyaHashMap::try_from(open_pinned(pin_dir, MAP_CT_TCP)?)?),
+                (MAP_CT_ANY, AyaHashMap::try_from(open_pinned(pin_dir, MAP_CT_ANY)?)?),
+            ],
+            members: AyaHashMap::try_from(open_pinned(pin_dir, MAP_MEMBERS)?)?,
+        })
+    }
+
+    /// Every entry of both maps.
+    #[must_use]
+    pub fn entries(&self) -> Vec<(CtKey, CtValue)> {
+        self.maps.iter().flat_map(|(_, m)| m.iter().filter_map(Result::ok)).collect()
+    }
+
+    /// Inserts an entry (tests, migrations).
+    pub fn insert(&mut self, key: CtKey, value: CtValue) -> anyhow::Result<()> {
+        let i = usize::from(key.proto != proxy_common::IPPROTO_TCP);
+        Ok(self.maps[i].1.insert(key, value, 0)?)
+    }
+
+    /// One collector pass at `now` (monotonic ns): removes expired flows,
+    /// non-TCP flows whose backend left their frontend (their next packet
+    /// would choose again anyway), and reply entries whose forward entry is
+    /// gone. Walks the maps outside the sync loop.
+    pub fn collect(&mut self, now: u64) -> GcReport {
+        let mut r = GcReport::default();
+        for (i, (_, map)) in self.maps.iter_mut().enumerate() {
+            let all: Vec<(CtKey, CtValue)> = map.iter().filter_map(Result::ok).collect();
+            let forward: std::collections::HashSet<CtKey> =
+                all.iter().filter(|(_, v)| v.flags & proxy_common::CT_F_REPLY == 0).map(|(k, _)| *k).collect();
+            let mut doomed: Vec<CtKey> = Vec::new();
+            for (k, v) in &all {
+                if v.flags & proxy_common::CT_F_REPLY != 0 {
+                    let fk = proxy_common::ct_forward_key_of_reply(k, v);
+                    if !forward.contains(&fk) && now.saturating_sub(v.last_seen_ns) > ORPHAN_GRACE_NS {
+                        doomed.push(*k);
+                        r.orphans += 1;
+                    }
+                    continue;
+                }
+                let expired = now.saturating_sub(v.last_seen_ns) > proxy_common::ct_lifetime_ns(k.proto, v.flags);
+                let left = !expired
+                    && k.proto != proxy_common::IPPROTO_TCP
+                    && self.members.get(&MemberKey { svc_id: v.svc_id, backend_id: v.backend_id }, 0).is_err();
+                if expired || left {
+                    doomed.push(*k);
+                    doomed.push(reply_key_of(k, v));
+                    if expired {
+                        r.expired += 1;
+                    } else {
+                        r.left_backend += 1;
+                    }
+                }
+            }
+            let mut gone = 0;
+            for k in doomed {
+                if map.remove(&k).is_ok() {
+                    gone += 1;
+                }
+            }
+            let left = all.len().saturating_sub(gone);
+            if i == 0 {
+                r.tcp_entries = left;
+            } else {
+                r.other_entries = left;
+            }
+        }
+        r
+    }
+}
+
+/// Every conntrack entry (forward and reply) of both maps.
 pub fn conntrack_entries(pin_dir: &Path) -> anyhow::Result<Vec<(CtKey, CtValue)>> {
-    let ct: AyaHashMap<MapData, CtKey, CtValue> = AyaHashMap::try_from(open_pinned(pin_dir, MAP_CT)?)?;
-    Ok(ct.iter().filter_map(Result::ok).collect())
+    Ok(Conntrack::open(pin_dir)?.entries())
 }
 
 /// Detaches every pinned link and removes every pin under `pin_dir`.
@@ -351,42 +703,12 @@ pub fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Interfaces in the current network namespace whose names match one of
-/// `patterns` (exact names, or a prefix ending in `*`).
-pub fn matching_interfaces(patterns: &[String]) -> anyhow::Result<Vec<String>> {
-    let mut out = Vec::new();
-    let dir = Path::new("/sys/class/net");
-    // /sys/class/net reflects the netns sysfs was mounted in, which under
-    // nsenter may be another one; if_nameindex asks the kernel directly.
-    let names = if_names().or_else(|_| -> anyhow::Result<Vec<String>> {
-        Ok(fs::read_dir(dir)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-    })?;
-    for name in names {
-        if patterns.iter().any(|p| match p.strip_suffix('*') {
-            Some(prefix) => name.starts_with(prefix),
-            None => *p == name,
-        }) {
-            out.push(name);
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-fn if_names() -> anyhow::Result<Vec<String>> {
-    // SAFETY: if_nameindex returns a NULL-terminated array we free below.
-    let head = unsafe { libc::if_nameindex() };
-    if head.is_null() {
-        bail!("if_nameindex: {}", io::Error::last_os_error());
-    }
-    let mut out = Vec::new();
-    let mut p = head;
-    unsafe {
-        while (*p).if_index != 0 && !(*p).if_name.is_null() {
-            out.push(std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
-            p = p.add(1);
-        }
-        libc::if_freenameindex(head);
-    }
-    Ok(out)
+/// Whether interface `name` matches one of `patterns` (exact names, or a
+/// prefix ending in `*`).
+#[must_use]
+pub fn matches_patterns(name: &str, patterns: &[String]) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => p == name,
+    })
 }

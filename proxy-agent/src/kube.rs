@@ -66,7 +66,13 @@ where
     })
 }
 
-pub async fn run(agent: &mut Agent, kubeconfig: Option<&Path>, metrics: &Arc<Metrics>, coalesce: Duration) -> anyhow::Result<()> {
+pub async fn run(
+    agent: &mut Agent,
+    kubeconfig: Option<&Path>,
+    metrics: &Arc<Metrics>,
+    coalesce: Duration,
+    links: &mut mpsc::UnboundedReceiver<crate::ifaces::LinkEvent>,
+) -> anyhow::Result<()> {
     let client = client(kubeconfig).await?;
     let node_name = agent.node_name().to_owned();
     let (svc_store, svc_writer) = reflector::store::<Service>();
@@ -105,7 +111,7 @@ pub async fn run(agent: &mut Agent, kubeconfig: Option<&Path>, metrics: &Arc<Met
             node_store.wait_until_ready().await
         } => { r.context("watch ended before the first list")?; }
     }
-    let mut rescan = tokio::time::interval(Duration::from_secs(2));
+    let mut rescan = tokio::time::interval(Duration::from_millis(500));
     let mut first = true;
     let mut pending: Option<Instant> = Some(Instant::now());
     loop {
@@ -121,10 +127,8 @@ pub async fn run(agent: &mut Agent, kubeconfig: Option<&Path>, metrics: &Arc<Met
             let nodes: Vec<Node> = node_store.state().iter().map(|s| (**s).clone()).collect();
             agent.apply(&services, &slices, &nodes, oldest);
             if first {
-                // Ready means programmed and attached.
-                if let Err(e) = agent.attach_interfaces() {
-                    tracing::warn!(error = format!("{e:#}"), "listing interfaces");
-                }
+                // Ready means programmed and attached (interfaces were
+                // attached before the first sync).
                 metrics.ready.store(true, Ordering::Relaxed);
                 tracing::info!(services = services.len(), slices = slices.len(), "first full sync programmed; ready");
                 first = false;
@@ -136,11 +140,12 @@ pub async fn run(agent: &mut Agent, kubeconfig: Option<&Path>, metrics: &Arc<Met
                 Some(t) => pending = Some(t),
                 None => break,
             },
-            _ = rescan.tick() => {
-                if let Err(e) = agent.attach_interfaces() {
-                    tracing::warn!(error = format!("{e:#}"), "listing interfaces");
+            ev = links.recv() => {
+                if let Some(ev) = ev {
+                    agent.on_link_event(ev);
                 }
             }
+            _ = rescan.tick() => agent.retry_attach(),
         }
     }
     for t in &tasks {

@@ -2,6 +2,8 @@
 pub mod agent;
 pub mod datapath;
 pub mod http;
+pub mod ifaces;
+pub mod maglev;
 pub mod manifests;
 pub mod metrics;
 pub mod sync;

@@ -64,6 +64,16 @@ struct Cli {
     #[arg(long, env = "KPROXY_COALESCE_MS", default_value_t = 5)]
     coalesce_ms: u64,
 
+    /// Backend choice for new flows: `maglev` (a consistent hash of the flow:
+    /// a flow whose conntrack entry was lost lands on the same backend while
+    /// the backends are unchanged) or `random`.
+    #[arg(long, env = "KPROXY_LB_ALGORITHM", default_value = "maglev", value_parser = ["maglev", "random"])]
+    lb_algorithm: String,
+
+    /// Seconds between conntrack collector passes (expired flows, stale entries).
+    #[arg(long, env = "KPROXY_CONNTRACK_GC_INTERVAL_S", default_value_t = 10)]
+    conntrack_gc_interval_s: u64,
+
     /// Detach and remove every pin when the agent exits (default: leave the
     /// datapath running, so a restart interrupts no connection).
     #[arg(long, env = "KPROXY_CLEANUP_ON_EXIT")]
@@ -88,9 +98,13 @@ struct DpArgs {
     /// Capacity of the backends map.
     #[arg(global = true, long, env = "KPROXY_MAX_BACKENDS", default_value_t = proxy_common::DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
-    /// Capacity of the conntrack map (two entries per flow).
-    #[arg(global = true, long, env = "KPROXY_MAX_CONNTRACK", default_value_t = proxy_common::DEFAULT_MAX_CT)]
+    /// Capacity of the TCP conntrack map (two entries per flow). When full,
+    /// new connections are refused and established ones keep working.
+    #[arg(global = true, long, env = "KPROXY_MAX_CONNTRACK", default_value_t = proxy_common::DEFAULT_MAX_CT_TCP)]
     max_conntrack: u32,
+    /// Capacity of the UDP (and other) conntrack map, an LRU (two entries per flow).
+    #[arg(global = true, long, env = "KPROXY_MAX_CONNTRACK_OTHER", default_value_t = proxy_common::DEFAULT_MAX_CT_ANY)]
+    max_conntrack_other: u32,
 }
 
 impl DpArgs {
@@ -101,6 +115,7 @@ impl DpArgs {
             max_services: self.max_services,
             max_backends: self.max_backends,
             max_conntrack: self.max_conntrack,
+            max_conntrack_other: self.max_conntrack_other,
             ..DatapathConfig::default()
         }
     }
@@ -157,6 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         interfaces: cli.interfaces.clone(),
         node_name,
         node_ips: cli.node_ips.clone(),
+        maglev: cli.lb_algorithm == "maglev",
     };
     let metrics = Arc::new(Metrics::default());
     let pin_dir = cfg.datapath.pin_dir();
@@ -175,10 +191,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         servers.push(tokio::spawn(http::serve(cli.health_addr, metrics.clone(), refresh)));
     }
 
+    let dp_cfg = cfg.datapath.clone();
     let mut agent = Agent::start(cfg, metrics.clone()).context("starting the datapath")?;
+    proxy_agent::agent::spawn_conntrack_gc(
+        pin_dir.clone(),
+        dp_cfg,
+        Duration::from_secs(cli.conntrack_gc_interval_s.max(1)),
+        metrics.clone(),
+    );
+    let (link_tx, mut links) = tokio::sync::mpsc::unbounded_channel();
+    let _watcher = proxy_agent::ifaces::watch(link_tx).context("watching interfaces (netlink)")?;
+    // The first event lists every link: attach before the first sync.
+    if let Some(ev) = links.recv().await {
+        agent.on_link_event(ev);
+    }
     let result = match &cli.manifests {
-        Some(dir) => run_standalone(&mut agent, dir, &metrics, Duration::from_millis(cli.poll_interval_ms)).await,
-        None => proxy_agent::kube::run(&mut agent, cli.kubeconfig.as_deref(), &metrics, Duration::from_millis(cli.coalesce_ms)).await,
+        Some(dir) => run_standalone(&mut agent, dir, &metrics, Duration::from_millis(cli.poll_interval_ms), &mut links).await,
+        None => {
+            proxy_agent::kube::run(&mut agent, cli.kubeconfig.as_deref(), &metrics, Duration::from_millis(cli.coalesce_ms), &mut links)
+                .await
+        }
     };
     for s in servers {
         s.abort();
@@ -192,7 +224,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     result
 }
 
-async fn run_standalone(agent: &mut Agent, dir: &std::path::Path, metrics: &Metrics, poll: Duration) -> anyhow::Result<()> {
+async fn run_standalone(
+    agent: &mut Agent,
+    dir: &std::path::Path,
+    metrics: &Metrics,
+    poll: Duration,
+    links: &mut tokio::sync::mpsc::UnboundedReceiver<proxy_agent::ifaces::LinkEvent>,
+) -> anyhow::Result<()> {
     let mut manifests = ManifestDir::new(dir);
     let mut tick = tokio::time::interval(poll);
     let shutdown = proxy_agent::shutdown_signal();
@@ -201,11 +239,15 @@ async fn run_standalone(agent: &mut Agent, dir: &std::path::Path, metrics: &Metr
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
+            ev = links.recv() => {
+                if let Some(ev) = ev {
+                    agent.on_link_event(ev);
+                }
+                continue;
+            }
             _ = tick.tick() => {}
         }
-        if let Err(e) = agent.attach_interfaces() {
-            tracing::warn!(error = format!("{e:#}"), "listing interfaces");
-        }
+        agent.retry_attach();
         let seen = Instant::now();
         let (changed, errors) = match manifests.refresh() {
             Ok(r) => r,

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub syncs: AtomicU64,
     pub sync_errors: AtomicU64,
     pub api_errors: AtomicU64,
+    pub attach_errors: AtomicU64,
+    pub ct_collected: AtomicU64,
     pub frontends: AtomicU64,
     pub backends: AtomicU64,
     pub ready: AtomicBool,
@@ -94,6 +96,8 @@ impl Metrics {
             ("kproxy_syncs_total", "Syncs performed.", &self.syncs),
             ("kproxy_sync_errors_total", "Frontends or backends a sync could not program.", &self.sync_errors),
             ("kproxy_api_errors_total", "Errors talking to the Kubernetes API.", &self.api_errors),
+            ("kproxy_attach_errors_total", "Failed attempts to attach to an interface (each is retried).", &self.attach_errors),
+            ("kproxy_conntrack_collected_total", "Conntrack entries removed by the collector.", &self.ct_collected),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
@@ -113,6 +117,10 @@ impl Metrics {
         for (map, (n, cap)) in &inner.map_entries {
             let ratio = if *cap == 0 { 0.0 } else { *n as f64 / *cap as f64 };
             let _ = writeln!(out, "kproxy_map_fill_ratio{{map=\"{map}\"}} {ratio}");
+        }
+        let _ = writeln!(out, "# HELP kproxy_map_entries Entries per map.\n# TYPE kproxy_map_entries gauge");
+        for (map, (n, _)) in &inner.map_entries {
+            let _ = writeln!(out, "kproxy_map_entries{{map=\"{map}\"}} {n}");
         }
         let _ = writeln!(out, "# HELP kproxy_datapath_packets_total Packets by datapath verdict.\n# TYPE kproxy_datapath_packets_total counter");
         for (reason, n) in &inner.datapath {

@@ -3,19 +3,31 @@
 //! The engine keeps a mirror of what the maps hold, diffs the desired state
 //! against it and writes only the difference, in an order that never lets a
 //! packet see a frontend with a partial or empty backend set:
+//! 0. new service addresses are written before their frontends;
 //! 1. new backends are written before any slot refers to them;
-//! 2. a frontend's new slots are written before its count (slot 0) grows, and
-//!    its count shrinks before surplus slots are deleted;
-//! 3. removed frontends lose slot 0 first, then their slots;
-//! 4. backends no slot refers to any more are deleted last.
+//! 2. a frontend's new members and slots (and its Maglev table) are written
+//!    before its count (slot 0) grows, and its count shrinks before surplus
+//!    slots and members are deleted;
+//! 3. removed frontends lose slot 0 first, then their slots, table, members;
+//! 4. backends no slot refers to any more are deleted last, then addresses
+//!    no frontend uses.
 //!
 //! On start the mirror is read back from the (pinned) maps, so a restarted
 //! agent adopts what its predecessor wrote and only fixes the difference.
+//! Backend and frontend ids are never reused, across restarts too: the
+//! next free id is reserved in the meta map before any id is handed out, so
+//! a conntrack or affinity entry can never refer to a recycled id.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use proxy_common::{Backend, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_NODE_ADDR, ServiceKey, ServiceValue, v4_mapped};
+use proxy_common::{
+    Backend, META_NEXT_BACKEND_ID, META_NEXT_SVC_ID, MaglevTable, MemberKey, SCOPE_EXTERNAL, SVC_F_AFFINITY,
+    SVC_F_MAGLEV, ServiceKey, ServiceValue, VipValue, v4_mapped,
+};
 
-use crate::translate::{BackendAddr, Desired, Frontend, FrontendAddr, FrontendKind};
+use crate::translate::{BackendAddr, Desired, Frontend, FrontendAddr};
+
+/// Ids are reserved in blocks, so the meta map is written once per block.
+const ID_BLOCK: u32 = 1024;
 
 /// Largest number of backends one frontend can hold (slot index is u16).
 pub const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
@@ -37,6 +49,16 @@ pub trait MapOps {
     fn del_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
     fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapError>;
     fn del_backend(&mut self, id: u32) -> Result<(), MapError>;
+    fn members(&self) -> Result<Vec<MemberKey>, MapError>;
+    fn put_member(&mut self, key: MemberKey) -> Result<(), MapError>;
+    fn del_member(&mut self, key: MemberKey) -> Result<(), MapError>;
+    fn put_maglev(&mut self, svc_id: u32, table: &MaglevTable) -> Result<(), MapError>;
+    fn del_maglev(&mut self, svc_id: u32) -> Result<(), MapError>;
+    fn vips(&self) -> Result<Vec<([u8; 16], VipValue)>, MapError>;
+    fn put_vip(&mut self, addr: [u8; 16], value: VipValue) -> Result<(), MapError>;
+    fn del_vip(&mut self, addr: [u8; 16]) -> Result<(), MapError>;
+    fn meta(&self, slot: u32) -> Result<u64, MapError>;
+    fn put_meta(&mut self, slot: u32, value: u64) -> Result<(), MapError>;
 }
 
 /// What a frontend looks like in the maps.
@@ -46,6 +68,10 @@ struct Programmed {
     /// `slots[i]` is the backend id at slot i+1 (whatever is in the map,
     /// which may be more than `value.count` mid-update).
     slots: Vec<u32>,
+    /// Backend ids in the membership map for this frontend.
+    members: BTreeSet<u32>,
+    /// Backend ids the programmed Maglev table was computed from.
+    maglev: Option<Vec<u32>>,
 }
 
 /// Outcome of one sync.
@@ -61,13 +87,36 @@ pub struct SyncReport {
     pub removed_backends: Vec<(u32, Backend)>,
 }
 
+/// Monotonic ids reserved in the meta map ahead of use.
+#[derive(Debug)]
+struct IdAlloc {
+    slot: u32,
+    next: u32,
+    reserved: u32,
+}
+
+impl IdAlloc {
+    fn take<M: MapOps>(&mut self, maps: &mut M) -> Result<u32, MapError> {
+        if self.next >= self.reserved {
+            let reserved = self.next.saturating_add(ID_BLOCK);
+            maps.put_meta(self.slot, u64::from(reserved))?;
+            self.reserved = reserved;
+        }
+        let id = self.next;
+        self.next += 1;
+        Ok(id)
+    }
+}
+
 pub struct SyncEngine<M: MapOps> {
     maps: M,
     frontends: BTreeMap<ServiceKey, Programmed>,
     backend_ids: HashMap<Backend, u32>,
     backends: BTreeMap<u32, Backend>,
-    next_backend_id: u32,
-    next_svc_id: u32,
+    vips: BTreeMap<[u8; 16], VipValue>,
+    backend_alloc: IdAlloc,
+    svc_alloc: IdAlloc,
+    maglev: bool,
 }
 
 /// The map key of a frontend (slot 0).
@@ -117,23 +166,47 @@ impl<M: MapOps> SyncEngine<M> {
                 _ => orphans.push(k),
             }
         }
+        let by_svc: HashMap<u32, ServiceKey> = frontends.iter().map(|(k, p)| (p.value.svc_id, *k)).collect();
+        let mut stale_members = Vec::new();
+        for m in maps.members()? {
+            match by_svc.get(&m.svc_id).and_then(|k| frontends.get_mut(k)) {
+                Some(p) => {
+                    p.members.insert(m.backend_id);
+                }
+                None => stale_members.push(m),
+            }
+        }
+        for p in frontends.values_mut() {
+            // A table is trusted only if the frontend says it has one; it is
+            // recomputed on the first sync anyway (the ids are unknown here).
+            p.maglev = (p.value.flags & SVC_F_MAGLEV != 0).then(Vec::new);
+        }
         let backends: BTreeMap<u32, Backend> = maps.backends()?.into_iter().collect();
         let backend_ids = backends.iter().map(|(id, b)| (*b, *id)).collect();
-        let next_backend_id = backends.keys().next_back().map_or(1, |m| m + 1);
-        let mut engine = SyncEngine {
-            maps,
-            frontends,
-            backend_ids,
-            backends,
-            next_backend_id,
-            next_svc_id: max_svc_id + 1,
+        let max_backend_id = backends.keys().next_back().copied().unwrap_or(0);
+        let vips = maps.vips()?.into_iter().collect();
+        let alloc = |slot: u32, max_seen: u32, maps: &M| -> Result<IdAlloc, MapError> {
+            let reserved = u32::try_from(maps.meta(slot)?).unwrap_or(u32::MAX);
+            let next = reserved.max(max_seen + 1).max(1);
+            Ok(IdAlloc { slot, next, reserved: 0 })
         };
-        // Slots with no frontend or a gap before them are leftovers of an
-        // interrupted write; nothing can reach them.
+        let backend_alloc = alloc(META_NEXT_BACKEND_ID, max_backend_id, &maps)?;
+        let svc_alloc = alloc(META_NEXT_SVC_ID, max_svc_id, &maps)?;
+        let mut engine = SyncEngine { maps, frontends, backend_ids, backends, vips, backend_alloc, svc_alloc, maglev: true };
+        // Slots with no frontend or a gap before them, and members of no
+        // frontend, are leftovers of an interrupted write; nothing reaches them.
         for k in orphans {
             engine.maps.del_service(k)?;
         }
+        for m in stale_members {
+            engine.maps.del_member(m)?;
+        }
         Ok(engine)
+    }
+
+    /// Chooses backends by Maglev tables (`true`, the default) or at random.
+    pub fn set_maglev(&mut self, on: bool) {
+        self.maglev = on;
     }
 
     pub fn maps(&self) -> &M {
@@ -161,7 +234,23 @@ impl<M: MapOps> SyncEngine<M> {
         let mut report = SyncReport::default();
         let wanted: BTreeMap<ServiceKey, &Frontend> =
             desired.frontends.values().map(|f| (frontend_key(&f.addr), f)).collect();
+        let wanted_vips: BTreeMap<[u8; 16], VipValue> =
+            desired.vips.iter().map(|(ip, flags)| (ip16(*ip), VipValue { flags: *flags, _pad: 0 })).collect();
 
+        // Service addresses first: a frontend is only looked up once its
+        // address is known to be a Service's.
+        for (addr, v) in &wanted_vips {
+            if self.vips.get(addr) == Some(v) {
+                continue;
+            }
+            match self.maps.put_vip(*addr, *v) {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.vips.insert(*addr, *v);
+                }
+                Err(e) => report.failed.push((format!("service address {addr:?}"), e.to_string())),
+            }
+        }
         // Frontends: add or update.
         for (key, fe) in &wanted {
             if let Err(e) = self.sync_frontend(*key, fe, &mut report) {
@@ -191,6 +280,19 @@ impl<M: MapOps> SyncEngine<M> {
                 Err(e) => report.failed.push((format!("backend {id}"), e.to_string())),
             }
         }
+        // Addresses no frontend uses any more.
+        let in_use: BTreeSet<[u8; 16]> = self.frontends.keys().map(|k| k.addr).collect();
+        let gone: Vec<[u8; 16]> =
+            self.vips.keys().filter(|a| !wanted_vips.contains_key(*a) && !in_use.contains(*a)).copied().collect();
+        for addr in gone {
+            match self.maps.del_vip(addr) {
+                Ok(()) => {
+                    report.deletes += 1;
+                    self.vips.remove(&addr);
+                }
+                Err(e) => report.failed.push((format!("service address {addr:?}"), e.to_string())),
+            }
+        }
         report.frontends = self.frontends.len();
         report.backends = self.backends.len();
         report
@@ -200,10 +302,9 @@ impl<M: MapOps> SyncEngine<M> {
         if let Some(id) = self.backend_ids.get(&b) {
             return Ok(*id);
         }
-        let id = self.next_backend_id;
+        let id = self.backend_alloc.take(&mut self.maps)?;
         self.maps.put_backend(id, b)?;
         report.writes += 1;
-        self.next_backend_id += 1;
         self.backends.insert(id, b);
         self.backend_ids.insert(b, id);
         Ok(id)
@@ -220,27 +321,42 @@ impl<M: MapOps> SyncEngine<M> {
         let current = self.frontends.get(&key);
         let svc_id = match current {
             Some(p) if p.value.svc_id != 0 => p.value.svc_id,
-            _ => {
-                let id = self.next_svc_id;
-                self.next_svc_id += 1;
-                id
-            }
+            _ => self.svc_alloc.take(&mut self.maps)?,
         };
-        let value = ServiceValue {
+        let want_maglev = self.maglev && !ids.is_empty();
+        let mut value = ServiceValue {
             backend_id: 0,
             count: ids.len() as u16,
-            flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 }
-                | if fe.kind == FrontendKind::NodePort { SVC_F_NODE_ADDR } else { 0 },
+            flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 },
             svc_id,
             affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
         };
+        if want_maglev {
+            value.flags |= SVC_F_MAGLEV;
+        }
         // The common case on a large cluster: nothing changed; no copy.
-        if current.is_some_and(|p| p.value == value && p.slots == ids) {
+        if current.is_some_and(|p| {
+            p.value == value && p.slots == ids && (!want_maglev || p.maglev.as_ref() == Some(&ids))
+        }) {
             return Ok(());
         }
         let is_new = current.is_none();
         let mut prog = current.cloned().unwrap_or_default();
-        // Slots first. Readers use the old count meanwhile; every slot they
+        prog.value.svc_id = svc_id;
+        // Members first: a flow may only stay on, or be sent to, a backend
+        // the frontend has.
+        for id in &ids {
+            if prog.members.contains(id) {
+                continue;
+            }
+            if let Err(e) = self.maps.put_member(MemberKey { svc_id, backend_id: *id }) {
+                self.store(key, prog, is_new);
+                return Err(e);
+            }
+            report.writes += 1;
+            prog.members.insert(*id);
+        }
+        // Then slots. Readers use the old count meanwhile; every slot they
         // can reach holds a backend that exists.
         for (i, id) in ids.iter().enumerate() {
             if prog.slots.get(i) == Some(id) {
@@ -259,6 +375,22 @@ impl<M: MapOps> SyncEngine<M> {
                 prog.slots.push(*id);
             }
         }
+        // The Maglev table, written whole (readers see the old or the new one).
+        if want_maglev && prog.maglev.as_ref() != Some(&ids) {
+            let pairs: Vec<(u32, Backend)> = ids.iter().map(|id| (*id, self.backends[id])).collect();
+            match self.maps.put_maglev(svc_id, &crate::maglev::table(&pairs)) {
+                Ok(()) => {
+                    report.writes += 1;
+                    prog.maglev = Some(ids.clone());
+                }
+                Err(e) => {
+                    // Random choice still works; say why the table is missing.
+                    report.failed.push((fe.owner.clone(), format!("Maglev table: {e}; choosing backends at random")));
+                    value.flags &= !SVC_F_MAGLEV;
+                    prog.maglev = None;
+                }
+            }
+        }
         // Then the count: from here on readers see exactly the new set.
         if is_new || prog.value != value {
             if let Err(e) = self.maps.put_service(key, value) {
@@ -268,7 +400,8 @@ impl<M: MapOps> SyncEngine<M> {
             report.writes += 1;
             prog.value = value;
         }
-        // Then surplus slots, which no reader can reach any more.
+        // Then what no reader can reach any more: surplus slots, a table the
+        // frontend no longer uses, members that left.
         while prog.slots.len() > ids.len() {
             let slot_key = ServiceKey { slot: prog.slots.len() as u16, ..key };
             if let Err(e) = self.maps.del_service(slot_key) {
@@ -278,25 +411,45 @@ impl<M: MapOps> SyncEngine<M> {
             report.deletes += 1;
             prog.slots.pop();
         }
+        if value.flags & SVC_F_MAGLEV == 0 && prog.maglev.is_some() {
+            if let Err(e) = self.maps.del_maglev(svc_id) {
+                self.frontends.insert(key, prog);
+                return Err(e);
+            }
+            report.deletes += 1;
+            prog.maglev = None;
+        }
+        let keep: BTreeSet<u32> = ids.iter().copied().collect();
+        let leaving: Vec<u32> = prog.members.difference(&keep).copied().collect();
+        for id in leaving {
+            if let Err(e) = self.maps.del_member(MemberKey { svc_id, backend_id: id }) {
+                self.frontends.insert(key, prog);
+                return Err(e);
+            }
+            report.deletes += 1;
+            prog.members.remove(&id);
+        }
         self.frontends.insert(key, prog);
         Ok(())
     }
 
     /// Keeps the mirror exact after a partial write. A new frontend whose
-    /// slot 0 was never written is not programmed; its slots stay tracked
-    /// under a placeholder so they are cleaned up.
+    /// slot 0 was never written is not programmed: what was written for it
+    /// is removed again (its id stays retired).
     fn store(&mut self, key: ServiceKey, prog: Programmed, is_new: bool) {
-        if is_new && prog.slots.is_empty() {
+        if !is_new {
+            self.frontends.insert(key, prog);
             return;
         }
-        if is_new {
-            // Slots written, slot 0 not: delete them again.
-            for i in (1..=prog.slots.len()).rev() {
-                let _ = self.maps.del_service(ServiceKey { slot: i as u16, ..key });
-            }
-            return;
+        for i in (1..=prog.slots.len()).rev() {
+            let _ = self.maps.del_service(ServiceKey { slot: i as u16, ..key });
         }
-        self.frontends.insert(key, prog);
+        if prog.maglev.is_some() {
+            let _ = self.maps.del_maglev(prog.value.svc_id);
+        }
+        for id in prog.members {
+            let _ = self.maps.del_member(MemberKey { svc_id: prog.value.svc_id, backend_id: id });
+        }
     }
 
     fn remove_frontend(&mut self, key: ServiceKey, report: &mut SyncReport) -> Result<(), MapError> {
@@ -306,13 +459,41 @@ impl<M: MapOps> SyncEngine<M> {
             return Err(e);
         }
         report.deletes += 1;
-        while let Some(_) = prog.slots.last() {
+        let svc_id = prog.value.svc_id;
+        // From here on nothing can reach what is left; delete it all, and
+        // keep what failed tracked under a removed frontend so a later sync
+        // retries (an entry with no slot 0 is invisible to the datapath).
+        let mut first_err = None;
+        while !prog.slots.is_empty() {
             let slot_key = ServiceKey { slot: prog.slots.len() as u16, ..key };
-            self.maps.del_service(slot_key)?;
-            report.deletes += 1;
-            prog.slots.pop();
+            match self.maps.del_service(slot_key) {
+                Ok(()) => {
+                    report.deletes += 1;
+                    prog.slots.pop();
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                    break;
+                }
+            }
         }
-        Ok(())
+        if prog.maglev.is_some() {
+            match self.maps.del_maglev(svc_id) {
+                Ok(()) => report.deletes += 1,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        for id in std::mem::take(&mut prog.members) {
+            match self.maps.del_member(MemberKey { svc_id, backend_id: id }) {
+                Ok(()) => report.deletes += 1,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 }
 
@@ -323,6 +504,10 @@ impl<M: MapOps> SyncEngine<M> {
 pub struct MemMaps {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
+    pub members: BTreeSet<MemberKey>,
+    pub maglev: BTreeMap<u32, Box<MaglevTable>>,
+    pub vips: BTreeMap<[u8; 16], VipValue>,
+    pub meta: BTreeMap<u32, u64>,
     pub capacity_services: Option<usize>,
     pub capacity_backends: Option<usize>,
     /// Called after each write with the new state.
@@ -349,7 +534,18 @@ impl MemMaps {
             let Some(b) = self.backends.get(&s.backend_id) else {
                 return Some(Err(format!("backend {} missing", s.backend_id)));
             };
+            if !self.members.contains(&MemberKey { svc_id: v.svc_id, backend_id: s.backend_id }) {
+                return Some(Err(format!("backend {} of slot {slot} is not a member", s.backend_id)));
+            }
             out.push(*b);
+        }
+        if v.flags & SVC_F_MAGLEV != 0 {
+            let Some(t) = self.maglev.get(&v.svc_id) else {
+                return Some(Err("Maglev flag without a table".into()));
+            };
+            if let Some(id) = t.backend_ids.iter().find(|id| !self.backends.contains_key(id)) {
+                return Some(Err(format!("Maglev table points at missing backend {id}")));
+            }
         }
         Some(Ok(out))
     }
@@ -386,6 +582,49 @@ impl MapOps for MemMaps {
     fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
         self.backends.remove(&id);
         self.observe();
+        Ok(())
+    }
+    fn members(&self) -> Result<Vec<MemberKey>, MapError> {
+        Ok(self.members.iter().copied().collect())
+    }
+    fn put_member(&mut self, key: MemberKey) -> Result<(), MapError> {
+        self.members.insert(key);
+        self.observe();
+        Ok(())
+    }
+    fn del_member(&mut self, key: MemberKey) -> Result<(), MapError> {
+        self.members.remove(&key);
+        self.observe();
+        Ok(())
+    }
+    fn put_maglev(&mut self, svc_id: u32, table: &MaglevTable) -> Result<(), MapError> {
+        self.maglev.insert(svc_id, Box::new(*table));
+        self.observe();
+        Ok(())
+    }
+    fn del_maglev(&mut self, svc_id: u32) -> Result<(), MapError> {
+        self.maglev.remove(&svc_id);
+        self.observe();
+        Ok(())
+    }
+    fn vips(&self) -> Result<Vec<([u8; 16], VipValue)>, MapError> {
+        Ok(self.vips.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_vip(&mut self, addr: [u8; 16], value: VipValue) -> Result<(), MapError> {
+        self.vips.insert(addr, value);
+        self.observe();
+        Ok(())
+    }
+    fn del_vip(&mut self, addr: [u8; 16]) -> Result<(), MapError> {
+        self.vips.remove(&addr);
+        self.observe();
+        Ok(())
+    }
+    fn meta(&self, slot: u32) -> Result<u64, MapError> {
+        Ok(self.meta.get(&slot).copied().unwrap_or(0))
+    }
+    fn put_meta(&mut self, slot: u32, value: u64) -> Result<(), MapError> {
+        self.meta.insert(slot, value);
         Ok(())
     }
 }

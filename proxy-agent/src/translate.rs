@@ -449,7 +449,22 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeIn
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<FrontendAddr, Frontend>,
+    /// Every frontend address with its `VIP_F_*` flags: ClusterIPs refuse
+    /// ports they do not serve; node addresses pass what is not a frontend.
+    pub vips: BTreeMap<IpAddr, u32>,
     pub skipped: Vec<Skip>,
+}
+
+/// The `VIP_F_*` flags of a frontend address.
+fn vip_flags(fe: &Frontend, node: &NodeInfo) -> u32 {
+    let mut f = 0;
+    if fe.kind == FrontendKind::ClusterIp {
+        f |= proxy_common::VIP_F_CLUSTER_IP;
+    }
+    if fe.kind == FrontendKind::NodePort || node.addresses.contains(&fe.addr.ip) {
+        f |= proxy_common::VIP_F_NODE;
+    }
+    f
 }
 
 /// Per-Service translations keyed by the resourceVersions of the Service and
@@ -541,6 +556,7 @@ pub fn translate_all_cached(
                 });
                 continue;
             }
+            *desired.vips.entry(fe.addr.ip).or_default() |= vip_flags(&fe, node);
             desired.frontends.insert(fe.addr, fe);
         }
         desired.skipped.extend(t.skipped);

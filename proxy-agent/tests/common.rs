@@ -45,6 +45,7 @@ impl Env {
             interfaces: vec!["veth*".into()],
             node_name: "node-a".into(),
             node_ips,
+            maglev: true,
         };
         let mut env = Env { agent: None, servers, cfg: cfg.clone(), topo };
         let agent = env.topo.node.run(|| {

@@ -9,7 +9,9 @@ use proxy_agent::{
 };
 use proxy_testkit::{require_root, unique_prefix};
 
-const TC_ACT_OK: i32 = 0;
+/// TC_ACT_UNSPEC: "continue with the next program" (tcx's TCX_NEXT).
+const TC_ACT_NEXT: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 
 const CLIENT: [u8; 4] = [10, 200, 0, 2];
@@ -41,6 +43,7 @@ fn fixture() -> Fixture {
     ] {
         let addr = FrontendAddr { ip: ip(vip), port, proto };
         d.frontends.insert(addr, Frontend { addr, kind: FrontendKind::ClusterIp, owner: "t".into(), backends, affinity_timeout_s: None });
+        d.vips.insert(ip(vip), proxy_common::VIP_F_CLUSTER_IP);
     }
     let r = engine.sync(&d);
     assert!(r.failed.is_empty());
@@ -77,6 +80,12 @@ fn pseudo(src: &[u8], dst: &[u8], proto: u8, len: usize) -> u32 {
 
 /// Ethernet + IPv4 + TCP/UDP frame with correct checksums.
 fn frame(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, frag: u16, udp_zero_csum: bool) -> Vec<u8> {
+    frame_flags(src, dst, proto, sport, dport, frag, udp_zero_csum, 0x02)
+}
+
+/// Like [`frame`], with explicit TCP flags.
+#[expect(clippy::too_many_arguments, reason = "a packet builder: every field is a knob")]
+fn frame_flags(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, frag: u16, udp_zero_csum: bool, tcp_flags: u8) -> Vec<u8> {
     let payload = b"ping";
     let l4_len = if proto == 6 { 20 } else { 8 } + payload.len();
     let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
@@ -93,7 +102,7 @@ fn frame(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, frag: u1
     l4.extend_from_slice(&sport.to_be_bytes());
     l4.extend_from_slice(&dport.to_be_bytes());
     if proto == 6 {
-        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, tcp_flags, 0xff, 0xff, 0, 0, 0, 0]);
     } else {
         l4.extend_from_slice(&(l4_len as u16).to_be_bytes());
         l4.extend_from_slice(&[0, 0]);
@@ -132,39 +141,103 @@ fn check(f: &[u8]) -> Parsed {
     Parsed { src, dst, sport: u16::from_be_bytes([l4[0], l4[1]]), dport: u16::from_be_bytes([l4[2], l4[3]]) }
 }
 
+const SYN: u8 = 0x02;
+const SYN_ACK: u8 = 0x12;
+
 #[test]
 fn tcp_dnat_and_reply_rewrite_keep_checksums() {
     let mut fx = fixture();
     let (v, out, _) = fx.dp.test_run(&frame(CLIENT, VIP, 6, 40000, 80, 0x4000, false), 1).unwrap();
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_ACT_NEXT, "translated packets continue to the next program and the stack");
     let p = check(&out);
     assert_eq!((p.src, p.sport, p.dst, p.dport), (CLIENT, 40000, BACKEND, 8080), "DNAT to the backend");
 
-    // The backend's reply is rewritten back to VIP:80 (a ClusterIP: it
-    // continues through the stack).
-    let (v, out, _) = fx.dp.test_run(&frame(BACKEND, CLIENT, 6, 8080, 40000, 0x4000, false), 1).unwrap();
-    assert_eq!(v, TC_ACT_OK);
+    // The backend's reply crosses the node's stack as backend -> client and
+    // is rewritten back to VIP:80 at egress toward the client.
+    let reply = frame_flags(BACKEND, CLIENT, 6, 8080, 40000, 0x4000, false, SYN_ACK);
+    let (v, out, _) = fx.dp.test_run_program(proxy_common::PROG_TC_EGRESS, &reply, 1).unwrap();
+    assert_eq!(v, TC_ACT_NEXT);
     let p = check(&out);
     assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 80, CLIENT, 40000), "reverse NAT");
+    // Ingress leaves a reply alone (it is not addressed to a Service).
+    let (v, out, _) = fx.dp.test_run(&reply, 1).unwrap();
+    assert_eq!((v, out), (TC_ACT_NEXT, reply), "no reverse NAT before the stack");
 
     let ct = datapath::conntrack_entries(&fx.cfg.pin_dir()).unwrap();
     assert_eq!(ct.len(), 2, "one forward and one reply entry");
 }
 
 #[test]
+fn a_direct_connection_reusing_a_service_flows_tuple_is_left_alone() {
+    let mut fx = fixture();
+    let (v, _, _) = fx.dp.test_run(&frame(CLIENT, VIP, 6, 40100, 80, 0x4000, false), 1).unwrap();
+    assert_eq!(v, TC_ACT_NEXT);
+    // The client now opens CLIENT:40100 -> BACKEND:8080 directly (a
+    // headless Service, a metrics scraper): the SYN evicts the old flow's
+    // entries, and the SYN-ACK keeps the backend's address.
+    let direct = frame_flags(CLIENT, BACKEND, 6, 40100, 8080, 0x4000, false, SYN);
+    let (v, out, _) = fx.dp.test_run(&direct, 1).unwrap();
+    assert_eq!((v, out), (TC_ACT_NEXT, direct.clone()), "the direct SYN passes untouched");
+    let synack = frame_flags(BACKEND, CLIENT, 6, 8080, 40100, 0x4000, false, SYN_ACK);
+    let (v, out, _) = fx.dp.test_run_program(proxy_common::PROG_TC_EGRESS, &synack, 1).unwrap();
+    assert_eq!((v, out), (TC_ACT_NEXT, synack.clone()), "the direct flow's SYN-ACK is not rewritten to the VIP");
+    let stats = datapath::read_stats(&fx.cfg.pin_dir()).unwrap();
+    assert_eq!(stats.iter().find(|(s, _)| *s == proxy_common::Stat::StaleReplyEvicted).unwrap().1, 1);
+
+    // A SYN-ACK answering a SYN we never translated is not ours either: a
+    // flow created mid-stream (no SYN seen) does not adopt it.
+    let mid = frame_flags(CLIENT, VIP, 6, 40200, 80, 0x4000, false, 0x10);
+    let (v, _, _) = fx.dp.test_run(&mid, 1).unwrap();
+    assert_eq!(v, TC_ACT_NEXT);
+    let stray = frame_flags(BACKEND, CLIENT, 6, 8080, 40200, 0x4000, false, SYN_ACK);
+    let (_, out, _) = fx.dp.test_run_program(proxy_common::PROG_TC_EGRESS, &stray, 1).unwrap();
+    assert_eq!(out, stray, "a SYN-ACK without a translated SYN is left alone");
+    let ack = frame_flags(BACKEND, CLIENT, 6, 8080, 40200, 0x4000, false, 0x10);
+    let (_, out, _) = fx.dp.test_run_program(proxy_common::PROG_TC_EGRESS, &ack, 1).unwrap();
+    assert_eq!(check(&out).src, VIP, "an ordinary reply of that flow is translated");
+}
+
+#[test]
 fn udp_checksums_and_zero_checksum() {
     let mut fx = fixture();
     let (v, out, _) = fx.dp.test_run(&frame(CLIENT, VIP, 17, 40001, 53, 0, false), 1).unwrap();
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_ACT_NEXT);
     let p = check(&out);
     assert_eq!((p.dst, p.dport), (BACKEND, 5353));
     assert_ne!(&out[40..42], &[0, 0], "a real UDP checksum stays non-zero");
 
     let (v, out, _) = fx.dp.test_run(&frame(CLIENT, VIP, 17, 40002, 53, 0, true), 1).unwrap();
-    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(v, TC_ACT_NEXT);
     let p = check(&out);
     assert_eq!((p.dst, p.dport), (BACKEND, 5353));
     assert_eq!(&out[40..42], &[0, 0], "UDP without checksum stays without");
+}
+
+#[test]
+fn fragments_follow_their_first_fragment_or_are_dropped() {
+    let mut fx = fixture();
+    // First fragment (MF set, offset 0): translated, ports recorded.
+    let first = frame(CLIENT, VIP, 17, 40003, 53, 0x2000, false);
+    let (v, out, _) = fx.dp.test_run(&first, 1).unwrap();
+    assert_eq!(v, TC_ACT_NEXT);
+    assert_eq!(&out[30..34], &BACKEND, "first fragment DNATed");
+    // A later fragment of the same datagram (same id): destination only.
+    let later = frame(CLIENT, VIP, 17, 40003, 53, 0x0010, false);
+    let (v, out, _) = fx.dp.test_run(&later, 1).unwrap();
+    assert_eq!(v, TC_ACT_NEXT);
+    assert_eq!(&out[30..34], &BACKEND, "later fragment DNATed");
+    assert_eq!(csum(&out[14..34], 0), 0, "IPv4 checksum of the later fragment");
+    assert_eq!(&out[34..], &later[34..], "a later fragment's payload is not touched");
+    // A later fragment of a datagram whose first fragment was not seen.
+    let mut orphan = frame(CLIENT, VIP, 17, 40004, 53, 0x0010, false);
+    orphan[18..20].copy_from_slice(&[0x99, 0x99]); // another IP id
+    let c = csum(&{ let mut h = orphan[14..34].to_vec(); h[10] = 0; h[11] = 0; h }, 0);
+    orphan[24..26].copy_from_slice(&c.to_be_bytes());
+    let (v, _, _) = fx.dp.test_run(&orphan, 1).unwrap();
+    assert_eq!(v, TC_ACT_SHOT, "never leaked untranslated");
+    let stats = datapath::read_stats(&fx.cfg.pin_dir()).unwrap();
+    let get = |st| stats.iter().find(|(s, _)| *s == st).unwrap().1;
+    assert_eq!(get(proxy_common::Stat::DropFragment), 1);
 }
 
 #[test]
@@ -172,11 +245,9 @@ fn packets_we_do_not_own_pass_untouched() {
     let mut fx = fixture();
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
         ("other destination", frame(CLIENT, [10, 200, 100, 2], 6, 40000, 8080, 0, false)),
-        ("other port on the VIP", frame(CLIENT, VIP, 6, 40000, 81, 0, false)),
-        ("first fragment", frame(CLIENT, VIP, 17, 40000, 53, 0x2000, false)),
-        ("later fragment", frame(CLIENT, VIP, 17, 40000, 53, 0x0010, false)),
+        ("later fragment to another address", frame(CLIENT, [10, 200, 100, 2], 17, 40000, 53, 0x0010, false)),
     ];
-    let mut icmp = frame(CLIENT, VIP, 17, 40000, 53, 0, false);
+    let mut icmp = frame(CLIENT, [10, 200, 100, 2], 17, 40000, 53, 0, false);
     icmp[23] = 1;
     cases.push(("ICMP", icmp));
     let mut arp = frame(CLIENT, VIP, 6, 40000, 80, 0, false);
@@ -187,11 +258,27 @@ fn packets_we_do_not_own_pass_untouched() {
     let mut ipv6 = frame(CLIENT, VIP, 6, 40000, 80, 0, false);
     ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
     cases.push(("IPv6 ethertype", ipv6));
+    let mut vlan = frame(CLIENT, VIP, 6, 40000, 80, 0, false);
+    vlan.splice(12..12, [0x81, 0x00, 0x00, 0x64]);
+    cases.push(("VLAN-tagged frame", vlan));
     for (name, pkt) in cases {
         let (v, out, _) = fx.dp.test_run(&pkt, 1).unwrap();
-        assert_eq!(v, TC_ACT_OK, "{name}: verdict");
+        assert_eq!(v, TC_ACT_NEXT, "{name}: verdict");
         assert_eq!(out, pkt, "{name}: bytes untouched");
     }
+}
+
+fn assert_port_unreachable(out: &[u8], orig: &[u8], from: [u8; 4]) {
+    assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    assert_eq!(&out[0..6], &orig[6..12], "to the client's MAC");
+    let ip = &out[14..34];
+    assert_eq!(csum(ip, 0), 0, "IPv4 checksum");
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!((&ip[12..16], &ip[16..20]), (&from[..], &CLIENT[..]));
+    let icmp = &out[34..];
+    assert_eq!((icmp[0], icmp[1]), (3, 3), "destination/port unreachable");
+    assert_eq!(csum(icmp, 0), 0, "ICMP checksum");
+    assert_eq!(&icmp[8..36], &orig[14..42], "quotes the original header and 8 bytes");
 }
 
 #[test]
@@ -200,14 +287,18 @@ fn service_without_backends_answers_icmp_port_unreachable() {
     let syn = frame(CLIENT, EMPTY_VIP, 6, 40000, 80, 0x4000, false);
     let (v, out, _) = fx.dp.test_run(&syn, 1).unwrap();
     assert_eq!(v, TC_ACT_REDIRECT, "sent back out of the ingress interface");
-    assert_eq!(out.len(), 14 + 20 + 8 + 28);
-    assert_eq!(&out[0..6], &syn[6..12], "to the client's MAC");
-    let ip = &out[14..34];
-    assert_eq!(csum(ip, 0), 0, "IPv4 checksum");
-    assert_eq!(ip[9], 1, "ICMP");
-    assert_eq!((&ip[12..16], &ip[16..20]), (&EMPTY_VIP[..], &CLIENT[..]));
-    let icmp = &out[34..];
-    assert_eq!((icmp[0], icmp[1]), (3, 3), "destination/port unreachable");
-    assert_eq!(csum(icmp, 0), 0, "ICMP checksum");
-    assert_eq!(&icmp[8..36], &syn[14..42], "quotes the original header and 8 bytes");
+    assert_port_unreachable(&out, &syn, EMPTY_VIP);
+}
+
+#[test]
+fn a_cluster_ip_refuses_ports_it_does_not_serve() {
+    let mut fx = fixture();
+    for (proto, port) in [(6u8, 81u16), (17, 80)] {
+        let pkt = frame(CLIENT, VIP, proto, 40000, port, 0x4000, false);
+        let (v, out, _) = fx.dp.test_run(&pkt, 1).unwrap();
+        assert_eq!(v, TC_ACT_REDIRECT, "proto {proto} port {port}: refused");
+        assert_port_unreachable(&out, &pkt, VIP);
+    }
+    let stats = datapath::read_stats(&fx.cfg.pin_dir()).unwrap();
+    assert_eq!(stats.iter().find(|(s, _)| *s == proxy_common::Stat::RejectUnknownPort).unwrap().1, 2);
 }

@@ -144,6 +144,7 @@ fn setup(mode: Mode, n: usize, topo: &Topology, s: &mut Sample) -> anyhow::Resul
                 interfaces: vec!["veth*".into()],
                 node_name: "bench".into(),
                 node_ips: vec![],
+                maglev: true,
             };
             let dcfg = cfg.datapath.clone();
             let mut agent = topo.node.run(|| -> anyhow::Result<Agent> {
@@ -168,7 +169,7 @@ fn setup(mode: Mode, n: usize, topo: &Topology, s: &mut Sample) -> anyhow::Resul
             // Engine only (diff + map writes, translation excluded): the
             // same one-endpoint change, back to the original set.
             let node = proxy_agent::agent::node_info(
-                &AgentConfig { datapath: dcfg.clone(), interfaces: vec![], node_name: "bench".into(), node_ips: vec![] },
+                &AgentConfig { datapath: dcfg.clone(), interfaces: vec![], node_name: "bench".into(), node_ips: vec![], maglev: true },
                 &[],
             );
             let d0 = proxy_agent::translate::translate_all(&objs.services, &objs.slices, &node);

@@ -18,26 +18,62 @@ pub const PIN_DIR_NAME: &str = "kproxy";
 pub const MAP_SERVICES: &str = "kp_svc_v1";
 /// Backends map: backend id -> address.
 pub const MAP_BACKENDS: &str = "kp_backend_v1";
-/// Connection tracking map (LRU): forward and reply tuples.
-pub const MAP_CT: &str = "kp_ct_v1";
+/// TCP connection tracking (plain hash, never evicts: under pressure new
+/// flows lose, established ones stay; the agent's collector expires entries).
+pub const MAP_CT_TCP: &str = "kp_ct_tcp_v2";
+/// Non-TCP connection tracking (LRU): UDP churn can only evict UDP flows.
+pub const MAP_CT_ANY: &str = "kp_ct_any_v2";
 /// ClientIP session affinity map (LRU).
 pub const MAP_AFFINITY: &str = "kp_affin_v1";
+/// (frontend id, backend id) pairs: which backends a frontend has now.
+pub const MAP_MEMBERS: &str = "kp_member_v1";
+/// Per-frontend Maglev lookup tables (consistent backend choice).
+pub const MAP_MAGLEV: &str = "kp_maglev_v1";
+/// Service addresses (ClusterIPs, external and LoadBalancer IPs, node
+/// addresses that carry NodePorts): lets every other packet skip the
+/// frontend lookup, and ClusterIPs refuse ports they do not serve.
+pub const MAP_VIPS: &str = "kp_vip_v1";
+/// First-fragment ports, so later fragments of a datagram are translated too.
+pub const MAP_FRAGS: &str = "kp_frag_v1";
+/// Agent bookkeeping that must survive restarts (id high-water marks).
+pub const MAP_META: &str = "kp_meta_v1";
 /// Per-CPU counters indexed by [`Stat`].
-pub const MAP_STATS: &str = "kp_stats_v1";
-/// Every map, in the order the agent adopts/creates them.
-pub const ALL_MAPS: [&str; 5] = [MAP_SERVICES, MAP_BACKENDS, MAP_CT, MAP_AFFINITY, MAP_STATS];
+pub const MAP_STATS: &str = "kp_stats_v2";
+/// Every map of the eBPF object, in the order the agent adopts/creates them
+/// ([`MAP_META`] is the agent's own and not part of the object).
+pub const ALL_MAPS: [&str; 10] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_CT_TCP,
+    MAP_CT_ANY,
+    MAP_AFFINITY,
+    MAP_MEMBERS,
+    MAP_MAGLEV,
+    MAP_VIPS,
+    MAP_FRAGS,
+    MAP_STATS,
+];
+/// Pins of earlier layouts; removed once the new datapath is attached.
+pub const RETIRED_MAPS: [&str; 2] = ["kp_ct_v1", "kp_stats_v1"];
 
-/// Name of the TC ingress program in the object file.
+/// TC ingress program for Ethernet devices (veth, physical NICs, bridge ports).
 pub const PROG_TC_INGRESS: &str = "kp_tc_ingress";
-/// Name of the TC egress program (reply reverse-NAT for host-stack replies).
+/// TC egress program for Ethernet devices: reverse NAT of replies.
 pub const PROG_TC_EGRESS: &str = "kp_tc_egress";
+/// The same two for L3 devices without an Ethernet header (WireGuard, IPIP, tun).
+pub const PROG_TC_INGRESS_L3: &str = "kp_tc_ingress_l3";
+pub const PROG_TC_EGRESS_L3: &str = "kp_tc_egress_l3";
 
 /// Default capacities; the agent can override them at load time.
 pub const DEFAULT_MAX_SERVICE_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
-pub const DEFAULT_MAX_CT: u32 = 524_288;
+pub const DEFAULT_MAX_CT_TCP: u32 = 524_288;
+pub const DEFAULT_MAX_CT_ANY: u32 = 262_144;
 pub const DEFAULT_MAX_AFFINITY: u32 = 131_072;
+pub const DEFAULT_MAX_MAGLEV: u32 = 65_536;
+pub const MAX_FRAGS: u32 = 8_192;
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
@@ -69,16 +105,15 @@ pub struct ServiceValue {
     pub backend_id: u32,         // slot > 0: backend id; slot 0: unused (0)
     pub count: u16,              // slot 0: number of backend slots; 0 = reject
     pub flags: u16,              // slot 0: SVC_F_*
-    pub svc_id: u32,             // slot 0: id of this frontend (affinity, stats)
+    pub svc_id: u32,             // slot 0: id of this frontend (affinity, members, Maglev)
     pub affinity_timeout_s: u32, // slot 0: ClientIP affinity timeout, seconds
 }
 
 /// ClientIP session affinity enabled.
 pub const SVC_F_AFFINITY: u16 = 1 << 0;
-/// The frontend address is one of the node's own (NodePort): replies are
-/// redirected to the client's interface, since the stack would drop a
-/// forwarded packet whose source is a local address.
-pub const SVC_F_NODE_ADDR: u16 = 1 << 1;
+/// A Maglev table for this frontend is programmed: new flows pick their
+/// backend by a consistent hash of the flow instead of at random.
+pub const SVC_F_MAGLEV: u16 = 1 << 2;
 
 /// Value of the backends map (key: backend id, `u32`).
 #[repr(C)]
@@ -90,7 +125,42 @@ pub struct Backend {
     pub flags: u8,      // reserved, zero
 }
 
-/// Key of the conntrack map: the tuple as it appears on the wire at our hook.
+/// Key of the membership map: this frontend currently has this backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    pub svc_id: u32,     // ServiceValue::svc_id of the frontend
+    pub backend_id: u32, // backend id
+}
+
+/// Entries of one Maglev table (prime; Maglev wants it well above the
+/// backend count: with 1021, up to ~100 backends share load within ~10%).
+pub const MAGLEV_M: usize = 1021;
+
+/// Value of the Maglev map (key: frontend id): backend id per table entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    pub backend_ids: [u32; MAGLEV_M], // backend id for flow hash % MAGLEV_M
+    pub _pad: u32,                    // zero (keeps the size a multiple of 8)
+}
+
+/// Value of the service address map (key: 16-byte address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipValue {
+    pub flags: u32, // VIP_F_*
+    pub _pad: u32,  // zero
+}
+
+/// A ClusterIP: packets to ports or protocols it does not serve are refused
+/// (kube-proxy's nftables mode rejects them too).
+pub const VIP_F_CLUSTER_IP: u32 = 1 << 0;
+/// One of this node's own addresses (NodePorts): anything that is not a
+/// frontend is the node's own traffic and passes.
+pub const VIP_F_NODE: u32 = 1 << 1;
+
+/// Key of the conntrack maps: the tuple as it appears on the wire at our hook.
 /// Forward entries are keyed by (client, frontend), reply entries by
 /// (backend, client).
 #[repr(C)]
@@ -104,7 +174,9 @@ pub struct CtKey {
     pub _pad: [u8; 3],   // zero
 }
 
-/// Value of the conntrack map.
+/// Value of the conntrack maps. The forward entry holds the flow's state;
+/// the reply entry only points back at it and is honoured only while the
+/// forward entry is alive and agrees (a reply entry lives and dies with it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtValue {
@@ -113,26 +185,67 @@ pub struct CtValue {
     pub flags: u8,          // CT_F_*
     pub _pad: u8,           // zero
     pub backend_id: u32,    // backend chosen for this flow
-    pub last_seen_ns: u64,  // bpf_ktime_get_ns() when last refreshed
-    pub ifindex: u32,       // reply: interface the client's packets came in on
+    pub last_seen_ns: u64,  // forward: last packet either way (bpf_ktime_get_ns); reply: creation
+    pub svc_id: u32,        // frontend id (membership checks, cleanup per Service)
     pub _pad2: u32,         // zero
 }
 
 /// Entry is the reply direction (rewrite the source back to the frontend).
 pub const CT_F_REPLY: u8 = 1 << 0;
-/// A TCP FIN or RST was seen: a new SYN on this tuple selects again.
+/// TCP: both sides sent FIN, or one sent RST: short lifetime, a new SYN on
+/// this tuple selects again.
 pub const CT_F_CLOSING: u8 = 1 << 1;
 /// Hairpin flow: the client is its own backend. The source is rewritten to
 /// the frontend too (so the reply comes back through the node) and packets
 /// are sent straight back out of the interface they came in on.
 pub const CT_F_HAIRPIN: u8 = 1 << 2;
+/// TCP: we translated a SYN of this flow (so a SYN-ACK reply is ours).
+pub const CT_F_SYN_SEEN: u8 = 1 << 3;
+/// A reply was seen (TCP: the flow is established).
+pub const CT_F_SEEN_REPLY: u8 = 1 << 4;
+/// TCP: the client sent FIN.
+pub const CT_F_FIN_FWD: u8 = 1 << 5;
+/// TCP: the backend sent FIN.
+pub const CT_F_FIN_REV: u8 = 1 << 6;
 
-/// Lifetimes, checked when a forward entry is looked up.
+/// Lifetimes by state, checked on lookup and by the agent's collector
+/// (Cilium's defaults; netfilter uses the same shape).
+pub const CT_LIFETIME_TCP_SYN_NS: u64 = 60 * 1_000_000_000;
 pub const CT_LIFETIME_TCP_NS: u64 = 21_600 * 1_000_000_000;
 pub const CT_LIFETIME_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
 pub const CT_LIFETIME_NONTCP_NS: u64 = 120 * 1_000_000_000;
 /// Entries are refreshed at most this often, to keep writes off the fast path.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// How long a forward entry with these flags lives after its last packet.
+#[inline(always)]
+#[must_use]
+pub const fn ct_lifetime_ns(proto: u8, flags: u8) -> u64 {
+    if proto != IPPROTO_TCP {
+        CT_LIFETIME_NONTCP_NS
+    } else if flags & CT_F_CLOSING != 0 {
+        CT_LIFETIME_TCP_CLOSING_NS
+    } else if flags & CT_F_SEEN_REPLY == 0 {
+        CT_LIFETIME_TCP_SYN_NS
+    } else {
+        CT_LIFETIME_TCP_NS
+    }
+}
+
+/// The forward key a reply entry belongs to.
+#[inline(always)]
+#[must_use]
+pub fn ct_forward_key_of_reply(reply_key: &CtKey, reply: &CtValue) -> CtKey {
+    CtKey {
+        // A hairpin reply goes to the frontend; its client is the backend.
+        saddr: if reply.flags & CT_F_HAIRPIN != 0 { reply_key.saddr } else { reply_key.daddr },
+        daddr: reply.nat_addr,
+        sport: reply_key.dport,
+        dport: reply.nat_port,
+        proto: reply_key.proto,
+        _pad: [0; 3],
+    }
+}
 
 /// Key of the ClientIP affinity map.
 #[repr(C)]
@@ -151,29 +264,82 @@ pub struct AffinityValue {
     pub last_used_ns: u64, // bpf_ktime_get_ns() of the last new flow
 }
 
+/// Key of the fragment map: one IPv4 datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: [u8; 4], // source address, network order
+    pub daddr: [u8; 4], // destination address, network order
+    pub id: u16,        // IPv4 identification, host order
+    pub proto: u8,      // IPPROTO_*
+    pub _pad: u8,       // zero
+}
+
+/// Value of the fragment map: the ports the first fragment carried.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragValue {
+    pub sport: u16, // host order
+    pub dport: u16, // host order
+}
+
+/// Slots of the meta map (`u64` values).
+pub const META_NEXT_BACKEND_ID: u32 = 0;
+pub const META_NEXT_SVC_ID: u32 = 1;
+pub const META_COUNT: u32 = 4;
+
 /// Datapath counters (per-CPU array index). Drop and pass reasons are shared
 /// codes so the agent can export them as metrics by name.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
+    /// Not IPv4 (other EtherType, VLAN-tagged frame, IPv6).
     PassNotIpv4 = 0,
+    /// A fragment of a datagram that is not ours.
     PassFragment = 1,
+    /// Neither TCP, UDP nor an ICMP error.
     PassOtherProto = 2,
+    /// Not addressed to a Service.
     PassNoService = 3,
+    /// New flow translated.
     NewFlow = 4,
+    /// Packet of a known flow translated.
     CtHit = 5,
+    /// Reply reverse-translated at egress.
     ReplyNat = 6,
+    /// Refused: the Service has no usable endpoint.
     RejectNoBackend = 7,
+    /// Dropped: the chosen backend vanished mid-update.
     DropBackendMissing = 8,
+    /// Dropped: the conntrack map is full (new flows lose).
     DropCtFull = 9,
+    /// Dropped: a rewrite failed half-way.
     DropMalformed = 10,
+    /// New flow sent to its ClientIP-affine backend.
     AffinityHit = 11,
-    PassIpOptions = 12,
-    ReplyNatEgress = 13,
-    Hairpin = 14,
+    /// Hairpin packet (a pod through its own Service).
+    Hairpin = 12,
+    /// Refused: a ClusterIP on a port or protocol it does not serve.
+    RejectUnknownPort = 13,
+    /// A direct flow reused the tuple of a finished Service flow: its stale entries removed.
+    StaleReplyEvicted = 14,
+    /// A reply entry matched but its flow is gone or disagrees: left untouched.
+    ReplyNotOurs = 15,
+    /// ICMP error about a translated flow translated (outer and inner header).
+    IcmpErrorNat = 16,
+    /// Non-first fragment translated from the first fragment's ports.
+    FragmentNat = 17,
+    /// Dropped: a fragment to a Service address whose first fragment was not seen.
+    DropFragment = 18,
+    /// Backend chosen by the Maglev table.
+    SelectMaglev = 19,
+    /// Backend chosen at random.
+    SelectRandom = 20,
+    /// Dropped: a ClusterIP with a protocol it does not serve (not TCP, UDP or ICMP).
+    DropUnknownProto = 21,
 }
 
-pub const STAT_COUNT: u32 = 15;
+pub const STAT_COUNT: u32 = 22;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -189,9 +355,16 @@ impl Stat {
         Stat::DropCtFull,
         Stat::DropMalformed,
         Stat::AffinityHit,
-        Stat::PassIpOptions,
-        Stat::ReplyNatEgress,
         Stat::Hairpin,
+        Stat::RejectUnknownPort,
+        Stat::StaleReplyEvicted,
+        Stat::ReplyNotOurs,
+        Stat::IcmpErrorNat,
+        Stat::FragmentNat,
+        Stat::DropFragment,
+        Stat::SelectMaglev,
+        Stat::SelectRandom,
+        Stat::DropUnknownProto,
     ];
 
     /// Metric label for this counter.
@@ -210,9 +383,45 @@ impl Stat {
             Stat::DropCtFull => "drop_ct_full",
             Stat::DropMalformed => "drop_malformed",
             Stat::AffinityHit => "affinity_hit",
-            Stat::PassIpOptions => "pass_ip_options",
-            Stat::ReplyNatEgress => "reply_nat_egress",
             Stat::Hairpin => "hairpin",
+            Stat::RejectUnknownPort => "reject_unknown_port",
+            Stat::StaleReplyEvicted => "stale_reply_evicted",
+            Stat::ReplyNotOurs => "reply_not_ours",
+            Stat::IcmpErrorNat => "icmp_error_nat",
+            Stat::FragmentNat => "fragment_nat",
+            Stat::DropFragment => "drop_fragment",
+            Stat::SelectMaglev => "select_maglev",
+            Stat::SelectRandom => "select_random",
+            Stat::DropUnknownProto => "drop_unknown_proto",
+        }
+    }
+
+    /// One line on what this counter counts.
+    #[must_use]
+    pub const fn help(self) -> &'static str {
+        match self {
+            Stat::PassNotIpv4 => "not IPv4 (other EtherType, VLAN-tagged frame, IPv6)",
+            Stat::PassFragment => "a fragment of a datagram that is not ours",
+            Stat::PassOtherProto => "neither TCP, UDP nor an ICMP error",
+            Stat::PassNoService => "not addressed to a Service",
+            Stat::NewFlow => "new flow translated",
+            Stat::CtHit => "packet of a known flow translated",
+            Stat::ReplyNat => "reply reverse-translated at egress",
+            Stat::RejectNoBackend => "refused: the Service has no usable endpoint",
+            Stat::DropBackendMissing => "dropped: the chosen backend vanished mid-update",
+            Stat::DropCtFull => "dropped: the conntrack map is full (new flows lose)",
+            Stat::DropMalformed => "dropped: a rewrite failed half-way",
+            Stat::AffinityHit => "new flow sent to its ClientIP-affine backend",
+            Stat::Hairpin => "hairpin packet (a pod through its own Service)",
+            Stat::RejectUnknownPort => "refused: a ClusterIP on a port or protocol it does not serve",
+            Stat::StaleReplyEvicted => "a direct flow reused the tuple of a finished Service flow: its stale entries removed",
+            Stat::ReplyNotOurs => "a reply entry matched but its flow is gone or disagrees: left untouched",
+            Stat::IcmpErrorNat => "ICMP error about a translated flow translated (outer and inner header)",
+            Stat::FragmentNat => "non-first fragment translated from the first fragment's ports",
+            Stat::DropFragment => "dropped: a fragment to a Service address whose first fragment was not seen",
+            Stat::SelectMaglev => "backend chosen by the Maglev table",
+            Stat::SelectRandom => "backend chosen at random",
+            Stat::DropUnknownProto => "dropped: a ClusterIP with a protocol it does not serve (not TCP, UDP or ICMP)",
         }
     }
 }
@@ -245,6 +454,11 @@ const _: () = {
     assert!(core::mem::size_of::<CtValue>() == 40);
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
+    assert!(core::mem::size_of::<MemberKey>() == 8);
+    assert!(core::mem::size_of::<MaglevTable>() == 4 * MAGLEV_M + 4);
+    assert!(core::mem::size_of::<VipValue>() == 8);
+    assert!(core::mem::size_of::<FragKey>() == 12);
+    assert!(core::mem::size_of::<FragValue>() == 4);
 };
 
 #[cfg(feature = "user")]
@@ -258,4 +472,9 @@ mod pod {
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::MemberKey {}
+    unsafe impl aya::Pod for super::MaglevTable {}
+    unsafe impl aya::Pod for super::VipValue {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
 }

@@ -1,23 +1,21 @@
-//! Connection tracking: forward entries pin a flow to its backend, reply
-//! entries let answers be rewritten back to the frontend.
-use aya_ebpf::{
-    bindings::TC_ACT_OK,
-    helpers::{bpf_redirect, bpf_redirect_neigh},
-    programs::TcContext,
-};
+//! Connection tracking. A forward entry (client -> frontend) pins a flow to
+//! its backend and holds the flow's state; a reply entry (backend -> client)
+//! lets answers be rewritten back to the frontend. A reply entry is honoured
+//! only while its forward entry is alive and agrees with it, so a stale reply
+//! entry can never rewrite a packet of another flow.
 use proxy_common::{
-    CT_F_CLOSING, CT_F_HAIRPIN, CT_F_REPLY, CT_LIFETIME_NONTCP_NS, CT_LIFETIME_TCP_CLOSING_NS,
-    CT_LIFETIME_TCP_NS, CT_REFRESH_NS, CtKey, CtValue, v4_mapped, v4_of_mapped,
+    CT_F_CLOSING, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_HAIRPIN, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SYN_SEEN,
+    CT_REFRESH_NS, CtKey, CtValue, Stat, ct_forward_key_of_reply, ct_lifetime_ns, v4_mapped,
 };
 
 use crate::{
-    maps::{BACKENDS, CT},
-    nat::{Side, rewrite, swap_macs},
+    maps::{count, ct_get, ct_insert, ct_remove, is_member},
     packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
+/// The tuple of `pkt` as a conntrack key.
 #[inline(always)]
-fn key_of(pkt: &Packet) -> CtKey {
+pub fn key_of(pkt: &Packet) -> CtKey {
     CtKey {
         saddr: v4_mapped(pkt.saddr),
         daddr: v4_mapped(pkt.daddr),
@@ -28,63 +26,99 @@ fn key_of(pkt: &Packet) -> CtKey {
     }
 }
 
+/// The tuple of a packet going the other way.
 #[inline(always)]
-fn lifetime_ns(pkt: &Packet, flags: u8) -> u64 {
-    if !pkt.is_tcp() {
-        CT_LIFETIME_NONTCP_NS
-    } else if flags & CT_F_CLOSING != 0 {
-        CT_LIFETIME_TCP_CLOSING_NS
-    } else {
-        CT_LIFETIME_TCP_NS
+fn reverse_key_of(pkt: &Packet) -> CtKey {
+    CtKey {
+        saddr: v4_mapped(pkt.daddr),
+        daddr: v4_mapped(pkt.saddr),
+        sport: pkt.dport,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        _pad: [0; 3],
     }
 }
 
-/// The backend of an existing, live flow. A fresh SYN on a closing flow, or on
-/// a flow whose backend is gone, starts a new flow instead.
+/// TCP state after a packet with `tcp` flags went the `reply` way.
 #[inline(always)]
-pub fn forward_lookup(pkt: &Packet, now: u64) -> Option<([u8; 4], u16, u8)> {
-    let key = key_of(pkt);
-    let entry = CT.get_ptr_mut(&key)?;
-    // SAFETY: pointer from a successful lookup; fields are plain integers.
-    let v = unsafe { *entry };
-    if v.flags & CT_F_REPLY != 0 || now.wrapping_sub(v.last_seen_ns) > lifetime_ns(pkt, v.flags) {
-        return None;
+fn next_flags(flags: u8, tcp: u8, is_tcp: bool, reply: bool) -> u8 {
+    let mut f = flags;
+    if reply {
+        f |= CT_F_SEEN_REPLY;
     }
-    let syn_only = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if syn_only
-        && (v.flags & CT_F_CLOSING != 0 || unsafe { BACKENDS.get(&v.backend_id) }.is_none())
-    {
-        return None;
+    if !is_tcp {
+        return f;
     }
-    let closing = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 && v.flags & CT_F_CLOSING == 0;
-    if closing || now.wrapping_sub(v.last_seen_ns) > CT_REFRESH_NS {
-        // SAFETY: as above; a racing writer can only refresh the same fields.
+    if !reply && tcp & TCP_SYN != 0 {
+        f |= CT_F_SYN_SEEN;
+    }
+    if tcp & TCP_FIN != 0 {
+        f |= if reply { CT_F_FIN_REV } else { CT_F_FIN_FWD };
+    }
+    if tcp & TCP_RST != 0 || (f & CT_F_FIN_FWD != 0 && f & CT_F_FIN_REV != 0) {
+        f |= CT_F_CLOSING;
+    }
+    f
+}
+
+/// Writes new flags and a fresh timestamp when either is due.
+#[inline(always)]
+fn touch(entry: *mut CtValue, old: &CtValue, flags: u8, now: u64) {
+    if flags != old.flags || now.wrapping_sub(old.last_seen_ns) > CT_REFRESH_NS {
+        // SAFETY: pointer from a successful lookup; a racing writer can only
+        // refresh the same fields.
         unsafe {
             (*entry).last_seen_ns = now;
-            if closing {
-                (*entry).flags |= CT_F_CLOSING;
-            }
+            (*entry).flags = flags;
         }
     }
-    let addr = v4_of_mapped(&v.nat_addr)?;
-    Some((addr, v.nat_port, v.flags))
 }
 
-/// Records a new flow to `backend` (forward and reply entries).
 #[inline(always)]
-pub fn create(pkt: &Packet, backend_id: u32, baddr: [u8; 4], bport: u16, now: u64, ifindex: u32) -> Result<u8, ()> {
-    let closing = if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 { CT_F_CLOSING } else { 0 };
+fn expired(v: &CtValue, proto: u8, now: u64) -> bool {
+    now.wrapping_sub(v.last_seen_ns) > ct_lifetime_ns(proto, v.flags)
+}
+
+/// The live forward entry of this client -> frontend packet, updated for it.
+/// `None` starts a new flow: no entry, an expired one, a SYN on a closing
+/// flow, a SYN or a non-TCP packet whose backend left the frontend (UDP
+/// clients switch at once when their backend goes; TCP connections already
+/// established keep theirs).
+#[inline(always)]
+pub fn forward_lookup(pkt: &Packet, now: u64) -> Option<CtValue> {
+    let entry = ct_get(&key_of(pkt))?;
+    // SAFETY: pointer from a successful lookup; fields are plain integers.
+    let v = unsafe { *entry };
+    if v.flags & CT_F_REPLY != 0 || expired(&v, pkt.proto, now) {
+        return None;
+    }
+    let syn = pkt.is_syn();
+    if (syn || !pkt.is_tcp()) && !is_member(v.svc_id, v.backend_id) {
+        return None;
+    }
+    if syn && v.flags & CT_F_CLOSING != 0 {
+        return None;
+    }
+    let flags = next_flags(v.flags, pkt.tcp_flags, pkt.is_tcp(), false);
+    touch(entry, &v, flags, now);
+    Some(v)
+}
+
+/// Records a new flow from `pkt`'s client to a backend. Returns the hairpin
+/// flag. Fails (and the packet must be dropped) when the table is full.
+#[inline(always)]
+pub fn create(pkt: &Packet, svc_id: u32, backend_id: u32, baddr: [u8; 4], bport: u16, now: u64) -> Result<u8, ()> {
     // The client picked itself: hairpin (see CT_F_HAIRPIN).
     let hairpin = if baddr == pkt.saddr { CT_F_HAIRPIN } else { 0 };
     let fwd_key = key_of(pkt);
     let fwd = CtValue {
         nat_addr: v4_mapped(baddr),
         nat_port: bport,
-        flags: closing | hairpin,
+        flags: next_flags(hairpin, pkt.tcp_flags, pkt.is_tcp(), false),
         _pad: 0,
         backend_id,
         last_seen_ns: now,
-        ifindex: 0,
+        svc_id,
         _pad2: 0,
     };
     // A hairpin reply is addressed to the frontend (the forward packet's
@@ -104,68 +138,98 @@ pub fn create(pkt: &Packet, backend_id: u32, baddr: [u8; 4], bport: u16, now: u6
         _pad: 0,
         backend_id,
         last_seen_ns: now,
-        ifindex,
+        svc_id,
         _pad2: 0,
     };
     // Reply entry first: a forward entry without it would blackhole replies.
-    CT.insert(&rev_key, &rev, 0).map_err(|_| ())?;
-    CT.insert(&fwd_key, &fwd, 0).map_err(|_| ())?;
+    ct_insert(&rev_key, &rev)?;
+    if ct_insert(&fwd_key, &fwd).is_err() {
+        ct_remove(&rev_key);
+        return Err(());
+    }
     Ok(hairpin)
 }
 
-/// The reply entry for this packet, if it is a reply of a tracked flow.
+/// A reply entry and its forward entry, when the reply entry is ours: its
+/// forward entry exists, is alive, agrees on the backend, and (for a SYN-ACK)
+/// saw the SYN it answers. A reply entry without a forward entry is removed.
 #[inline(always)]
-fn reply_entry(pkt: &Packet) -> Option<([u8; 4], CtValue)> {
-    let key = key_of(pkt);
+fn reply_entry(rkey: &CtKey, synack: bool, now: u64) -> Option<(CtValue, *mut CtValue, CtValue)> {
+    let rentry = ct_get(rkey)?;
     // SAFETY: copied out at once.
-    let v = (unsafe { CT.get(&key) }).copied()?;
-    if v.flags & CT_F_REPLY == 0 {
+    let r = unsafe { *rentry };
+    if r.flags & CT_F_REPLY == 0 {
         return None;
     }
-    Some((v4_of_mapped(&v.nat_addr)?, v))
+    let fkey = ct_forward_key_of_reply(rkey, &r);
+    let Some(fentry) = ct_get(&fkey) else {
+        count(Stat::ReplyNotOurs);
+        ct_remove(rkey);
+        return None;
+    };
+    // SAFETY: copied out at once.
+    let f = unsafe { *fentry };
+    if f.flags & CT_F_REPLY != 0
+        || f.backend_id != r.backend_id
+        || expired(&f, rkey.proto, now)
+        || (synack && f.flags & CT_F_SYN_SEEN == 0)
+    {
+        count(Stat::ReplyNotOurs);
+        return None;
+    }
+    Some((r, fentry, f))
 }
 
-/// Rewrites the source of a reply back to the frontend, leaving the packet
-/// on its way (egress hook). Returns whether it was a tracked reply.
+/// The reply entry for this backend -> client packet, when it is a reply of
+/// a live translated flow; the flow's state is updated for it. A reply entry
+/// whose forward entry is gone or points elsewhere, or a SYN-ACK answering a
+/// SYN we never translated, is not ours: the packet is left alone.
 #[inline(always)]
-pub fn reply_nat_in_place(ctx: &TcContext, pkt: &Packet) -> Result<bool, ()> {
-    let Some((addr, v)) = reply_entry(pkt) else {
-        return Ok(false);
-    };
-    if v.flags & CT_F_HAIRPIN != 0 {
-        // Hairpin replies are handled at ingress only.
-        return Ok(false);
-    }
-    rewrite(ctx, pkt, Side::Src, addr, v.nat_port)?;
-    Ok(true)
+pub fn reply_lookup(pkt: &Packet, now: u64) -> Option<CtValue> {
+    let synack = pkt.is_tcp() && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+    let (r, fentry, f) = reply_entry(&key_of(pkt), synack, now)?;
+    let flags = next_flags(f.flags, pkt.tcp_flags, pkt.is_tcp(), true);
+    touch(fentry, &f, flags, now);
+    Some(r)
 }
 
-/// Rewrites the source of a reply from a backend back to the frontend and
-/// sends it straight to the interface the client's packets came in on.
-/// Returns the verdict, or `None` when the packet belongs to no tracked flow.
-///
-/// The reply is redirected (with a neighbour lookup) instead of handed to
-/// the stack: a rewritten source that is one of the node's own addresses (a
-/// NodePort) would be dropped there as a martian, and skipping the second
-/// routing pass is cheaper anyway.
+/// The reply entry under `rkey` if it is ours (no state change: for ICMP
+/// errors about a flow).
 #[inline(always)]
-pub fn reply_nat(ctx: &TcContext, pkt: &Packet) -> Result<Option<i32>, ()> {
-    let Some((addr, v)) = reply_entry(pkt) else {
-        return Ok(None);
-    };
-    rewrite(ctx, pkt, Side::Src, addr, v.nat_port)?;
-    if v.flags & CT_F_HAIRPIN != 0 {
-        // Back to the pod that is both client and backend: destination
-        // becomes its own address again, out of the interface it came in on.
-        rewrite(ctx, pkt, Side::Dst, pkt.saddr, pkt.dport)?;
-        swap_macs(ctx)?;
-        // SAFETY: reading the ingress ifindex of the skb we were handed.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        return Ok(Some(unsafe { bpf_redirect(ifindex, 0) } as i32));
+pub fn reply_of(rkey: &CtKey, now: u64) -> Option<CtValue> {
+    reply_entry(rkey, false, now).map(|(r, _, _)| r)
+}
+
+/// The live forward entry under `fkey` (no state change: for ICMP errors).
+#[inline(always)]
+pub fn forward_of(fkey: &CtKey, now: u64) -> Option<CtValue> {
+    // SAFETY: copied out at once.
+    let f = unsafe { *ct_get(fkey)? };
+    if f.flags & CT_F_REPLY != 0 || expired(&f, fkey.proto, now) {
+        return None;
     }
-    if v.ifindex == 0 {
-        return Ok(Some(TC_ACT_OK));
+    Some(f)
+}
+
+/// A client sends straight to an address and port that a finished Service
+/// flow of the same tuple used as its backend (headless Services,
+/// StatefulSets and metrics scrapers do this): the old flow's entries would
+/// rewrite this flow's replies, so they go. Only a TCP SYN or a non-TCP
+/// packet can start such a flow.
+#[inline(always)]
+pub fn evict_stale(pkt: &Packet) {
+    if pkt.is_tcp() && !pkt.is_syn() {
+        return;
     }
-    // SAFETY: helper call with no parameters block.
-    Ok(Some(unsafe { bpf_redirect_neigh(v.ifindex, core::ptr::null_mut(), 0, 0) } as i32))
+    let rkey = reverse_key_of(pkt);
+    let Some(rentry) = ct_get(&rkey) else { return };
+    // SAFETY: copied out at once.
+    let r = unsafe { *rentry };
+    if r.flags & CT_F_REPLY == 0 || r.flags & CT_F_HAIRPIN != 0 {
+        return;
+    }
+    let fkey = ct_forward_key_of_reply(&rkey, &r);
+    ct_remove(&fkey);
+    ct_remove(&rkey);
+    count(Stat::StaleReplyEvicted);
 }

@@ -1,12 +1,14 @@
 //! Every map of the datapath. Types and names come from proxy-common.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_MAX_AFFINITY,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CT, DEFAULT_MAX_SERVICE_ENTRIES, STAT_COUNT, ServiceKey,
-    ServiceValue, Stat,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_CT_ANY, DEFAULT_MAX_CT_TCP, DEFAULT_MAX_MAGLEV, DEFAULT_MAX_SERVICE_ENTRIES, FragKey,
+    FragValue, IPPROTO_TCP, MAX_FRAGS, MaglevTable, MemberKey, STAT_COUNT, ServiceKey, ServiceValue,
+    Stat, VipValue,
 };
 
 /// Frontends (slot 0) and their backend slots; written only by the agent.
@@ -18,17 +20,39 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue, { DEFAULT_MAX_SERVICE_ENT
 #[btf_map(name = "kp_backend_v1")]
 pub static BACKENDS: HashMap<u32, Backend, { DEFAULT_MAX_BACKENDS as usize }> = HashMap::new();
 
-/// Conntrack: forward (client -> frontend) and reply (backend -> client) tuples.
-#[btf_map(name = "kp_ct_v1")]
-pub static CT: LruHashMap<CtKey, CtValue, { DEFAULT_MAX_CT as usize }> = LruHashMap::new();
+/// TCP conntrack. A plain hash: when it is full new flows are refused and
+/// established ones stay (the agent's collector removes expired entries).
+#[btf_map(name = "kp_ct_tcp_v2")]
+pub static CT_TCP: HashMap<CtKey, CtValue, { DEFAULT_MAX_CT_TCP as usize }> = HashMap::new();
+
+/// Non-TCP conntrack (LRU): UDP churn evicts only other non-TCP flows.
+#[btf_map(name = "kp_ct_any_v2")]
+pub static CT_ANY: LruHashMap<CtKey, CtValue, { DEFAULT_MAX_CT_ANY as usize }> = LruHashMap::new();
 
 /// ClientIP session affinity: (client, frontend) -> backend.
 #[btf_map(name = "kp_affin_v1")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_MAX_AFFINITY as usize }> =
     LruHashMap::new();
 
+/// (frontend id, backend id) -> 1 while the frontend has that backend.
+#[btf_map(name = "kp_member_v1")]
+pub static MEMBERS: HashMap<MemberKey, u32, { DEFAULT_MAX_SERVICE_ENTRIES as usize }> = HashMap::new();
+
+/// Frontend id -> Maglev table; allocated as used (tables are 4 KiB).
+#[btf_map(name = "kp_maglev_v1")]
+pub static MAGLEV: HashMap<u32, MaglevTable, { DEFAULT_MAX_MAGLEV as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+/// Service addresses -> VIP_F_* flags.
+#[btf_map(name = "kp_vip_v1")]
+pub static VIPS: HashMap<[u8; 16], VipValue, { DEFAULT_MAX_BACKENDS as usize }> = HashMap::new();
+
+/// First-fragment ports of datagrams in flight.
+#[btf_map(name = "kp_frag_v1")]
+pub static FRAGS: LruHashMap<FragKey, FragValue, { MAX_FRAGS as usize }> = LruHashMap::new();
+
 /// Per-CPU counters indexed by `Stat`.
-#[btf_map(name = "kp_stats_v1")]
+#[btf_map(name = "kp_stats_v2")]
 pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
 
 #[inline(always)]
@@ -37,4 +61,27 @@ pub fn count(stat: Stat) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *p += 1 };
     }
+}
+
+/// The conntrack entry for `key`, in the map of its protocol.
+#[inline(always)]
+pub fn ct_get(key: &CtKey) -> Option<*mut CtValue> {
+    if key.proto == IPPROTO_TCP { CT_TCP.get_ptr_mut(key) } else { CT_ANY.get_ptr_mut(key) }
+}
+
+#[inline(always)]
+pub fn ct_insert(key: &CtKey, value: &CtValue) -> Result<(), ()> {
+    let r = if key.proto == IPPROTO_TCP { CT_TCP.insert(key, value, 0) } else { CT_ANY.insert(key, value, 0) };
+    r.map_err(|_| ())
+}
+
+#[inline(always)]
+pub fn ct_remove(key: &CtKey) {
+    let _ = if key.proto == IPPROTO_TCP { CT_TCP.remove(key) } else { CT_ANY.remove(key) };
+}
+
+/// Whether frontend `svc_id` has backend `backend_id` now.
+#[inline(always)]
+pub fn is_member(svc_id: u32, backend_id: u32) -> bool {
+    MEMBERS.get_ptr(&MemberKey { svc_id, backend_id }).is_some()
 }

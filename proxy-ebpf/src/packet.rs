@@ -1,54 +1,100 @@
 //! Header parsing. Reads go through `bpf_skb_load_bytes`, which checks the
 //! packet length itself, so nothing here can read past the packet end.
+//!
+//! Every function is generic over `L3`, the offset of the IPv4 header:
+//! [`ETH_HLEN`] on Ethernet devices, 0 on L3 devices (WireGuard, IPIP, tun),
+//! which have no link-layer header at TC. The agent attaches the matching
+//! program by device type.
 use aya_ebpf::programs::TcContext;
-use proxy_common::{IPPROTO_TCP, IPPROTO_UDP, Stat};
+use proxy_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Stat};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
-/// Offsets of IPv4 fields from the start of the frame.
-pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
-pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+/// Offsets of IPv4 fields from the start of the IPv4 header.
+pub const IP_CSUM: usize = 10;
+pub const IP_SADDR: usize = 12;
+pub const IP_DADDR: usize = 16;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// The parts of an IPv4 TCP/UDP packet the datapath needs.
+/// Where a packet stands in its datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// Not fragmented.
+    None,
+    /// First fragment: carries the L4 header, more follow.
+    First,
+    /// A later fragment: no L4 header; ports come from the fragment map.
+    Later,
+}
+
+/// The parts of an IPv4 TCP/UDP/ICMP packet the datapath needs.
 pub struct Packet {
+    pub l3: usize,      // offset of the IPv4 header from the frame start
     pub saddr: [u8; 4], // network order
     pub daddr: [u8; 4], // network order
-    pub sport: u16,     // host order
-    pub dport: u16,     // host order
+    pub sport: u16,     // host order (ICMP: 0)
+    pub dport: u16,     // host order (ICMP: 0)
     pub proto: u8,
-    pub tcp_flags: u8,  // 0 for UDP
+    pub tcp_flags: u8,  // 0 for UDP and ICMP
+    pub icmp_type: u8,  // ICMP only
     pub l4_off: usize,  // offset of the L4 header from the frame start
     pub ihl: usize,     // IPv4 header length in bytes
+    pub frag: Frag,
+    pub ip_id: u16,     // IPv4 identification, host order
 }
 
 impl Packet {
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
-        if self.proto == IPPROTO_TCP { self.l4_off + 16 } else { self.l4_off + 6 }
+        match self.proto {
+            IPPROTO_TCP => self.l4_off + 16,
+            IPPROTO_UDP => self.l4_off + 6,
+            _ => self.l4_off + 2,
+        }
     }
 
     #[inline(always)]
     pub fn is_tcp(&self) -> bool {
         self.proto == IPPROTO_TCP
     }
+
+    /// A TCP SYN without ACK: the client opens a connection.
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.is_tcp() && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    /// Whether the L4 header (ports, checksum) is in this packet.
+    #[inline(always)]
+    pub fn has_l4(&self) -> bool {
+        self.frag != Frag::Later
+    }
 }
 
-/// Parses an Ethernet/IPv4/TCP|UDP frame. `Err` carries the pass reason for
-/// anything that is not ours to translate.
+/// Parses an IPv4 TCP/UDP/ICMP packet whose IPv4 header starts at `L3`.
+/// `Err` carries the pass reason for anything that is not ours to look at.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Packet, Stat> {
-    let eth_proto: u16 = ctx.load::<u16>(12).map_err(|_| Stat::PassNotIpv4)?;
-    if u16::from_be(eth_proto) != ETH_P_IP {
+pub fn parse<const L3: usize>(ctx: &TcContext) -> Result<Packet, Stat> {
+    // The skb's protocol is what the stack will treat the packet as; on
+    // Ethernet devices the frame's own EtherType must agree (a VLAN tag
+    // left in the frame shows up as 0x8100 here, and passes).
+    // SAFETY: reading a field of the skb we were handed.
+    let skb_proto = unsafe { (*ctx.skb.skb).protocol };
+    if skb_proto != u32::from(ETH_P_IP.to_be()) {
         return Err(Stat::PassNotIpv4);
     }
-    let ip: [u8; 20] = ctx.load(ETH_HLEN).map_err(|_| Stat::PassNotIpv4)?;
+    if L3 == ETH_HLEN {
+        let eth_proto: u16 = ctx.load::<u16>(12).map_err(|_| Stat::PassNotIpv4)?;
+        if u16::from_be(eth_proto) != ETH_P_IP {
+            return Err(Stat::PassNotIpv4);
+        }
+    }
+    let ip: [u8; 20] = ctx.load(L3).map_err(|_| Stat::PassNotIpv4)?;
     if ip[0] >> 4 != 4 {
         return Err(Stat::PassNotIpv4);
     }
@@ -56,35 +102,51 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Stat> {
     if ihl < 20 {
         return Err(Stat::PassNotIpv4);
     }
-    if ihl != 20 {
-        // IP options are legal but rare; the reject path assumes 20 bytes.
-        return Err(Stat::PassIpOptions);
-    }
-    // More-fragments flag or a non-zero offset: only the first fragment
-    // carries ports, so we cannot translate fragments consistently.
-    let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    if frag & 0x3fff != 0 {
-        return Err(Stat::PassFragment);
-    }
     let proto = ip[9];
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP {
         return Err(Stat::PassOtherProto);
     }
-    let l4_off = ETH_HLEN + ihl;
-    let ports: [u8; 4] = ctx.load(l4_off).map_err(|_| Stat::PassOtherProto)?;
-    let tcp_flags = if proto == IPPROTO_TCP {
-        ctx.load::<u8>(l4_off + 13).map_err(|_| Stat::PassOtherProto)?
+    let frag_field = u16::from_be_bytes([ip[6], ip[7]]);
+    let frag = if frag_field & 0x1fff != 0 {
+        Frag::Later
+    } else if frag_field & 0x2000 != 0 {
+        Frag::First
     } else {
-        0
+        Frag::None
     };
-    Ok(Packet {
+    let l4_off = L3 + ihl;
+    let mut pkt = Packet {
+        l3: L3,
         saddr: [ip[12], ip[13], ip[14], ip[15]],
         daddr: [ip[16], ip[17], ip[18], ip[19]],
-        sport: u16::from_be_bytes([ports[0], ports[1]]),
-        dport: u16::from_be_bytes([ports[2], ports[3]]),
+        sport: 0,
+        dport: 0,
         proto,
-        tcp_flags,
+        tcp_flags: 0,
+        icmp_type: 0,
         l4_off,
         ihl,
-    })
+        frag,
+        ip_id: u16::from_be_bytes([ip[4], ip[5]]),
+    };
+    if frag == Frag::Later {
+        return Ok(pkt);
+    }
+    if proto == IPPROTO_ICMP {
+        pkt.icmp_type = ctx.load::<u8>(l4_off).map_err(|_| Stat::PassOtherProto)?;
+        return Ok(pkt);
+    }
+    let ports: [u8; 4] = ctx.load(l4_off).map_err(|_| Stat::PassOtherProto)?;
+    pkt.sport = u16::from_be_bytes([ports[0], ports[1]]);
+    pkt.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    if proto == IPPROTO_TCP {
+        pkt.tcp_flags = ctx.load::<u8>(l4_off + 13).map_err(|_| Stat::PassOtherProto)?;
+    }
+    Ok(pkt)
+}
+
+/// ICMP types that quote the packet they are about (RFC 792).
+#[inline(always)]
+pub fn is_icmp_error(icmp_type: u8) -> bool {
+    icmp_type == 3 || icmp_type == 11 || icmp_type == 12
 }

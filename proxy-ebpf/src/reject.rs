@@ -1,5 +1,6 @@
-//! Rejecting new flows to a frontend without backends, as kube-proxy does:
-//! an ICMP port-unreachable sent straight back, so the client fails at once
+//! Refusing new flows to a frontend without backends, and packets to a
+//! ClusterIP port that no Service serves, as kube-proxy does: an ICMP
+//! port-unreachable sent straight back, so the client fails at once
 //! (ECONNREFUSED) instead of timing out.
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
@@ -7,7 +8,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::packet::{ETH_HLEN, Packet};
+use crate::{
+    nat::swap_macs,
+    packet::{Packet, is_icmp_error},
+};
 
 const IP_HLEN: usize = 20;
 const ICMP_HLEN: usize = 8;
@@ -26,17 +30,16 @@ fn fold(csum: i64) -> u16 {
     !(s as u16)
 }
 
-/// Turns `pkt` into an ICMP port unreachable from the frontend to the client
-/// and sends it back out of the interface it came in on.
+/// Turns `pkt` into an ICMP port unreachable from its destination to its
+/// source and sends it back out of the interface it came in on. Packets with
+/// IP options, later fragments and ICMP errors are dropped instead (no ICMP
+/// error is ever sent about an ICMP error, RFC 1122).
 #[inline(always)]
-pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> i32 {
-    if pkt.ihl != IP_HLEN {
+pub fn port_unreachable<const L3: usize>(ctx: &TcContext, pkt: &Packet) -> i32 {
+    if pkt.ihl != IP_HLEN || !pkt.has_l4() || (pkt.proto == proxy_common::IPPROTO_ICMP && is_icmp_error(pkt.icmp_type)) {
         return TC_ACT_SHOT;
     }
-    let Ok(quote) = ctx.load::<[u8; QUOTE_LEN]>(ETH_HLEN) else {
-        return TC_ACT_SHOT;
-    };
-    let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
+    let Ok(quote) = ctx.load::<[u8; QUOTE_LEN]>(L3) else {
         return TC_ACT_SHOT;
     };
     let mut out = Buf([0; OUT_L3_LEN]);
@@ -68,13 +71,10 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> i32 {
 
     let skb = ctx.skb.skb;
     // SAFETY: valid skb pointer from the program context.
-    if unsafe { bpf_skb_change_tail(skb.cast(), (ETH_HLEN + OUT_L3_LEN) as u32, 0) } != 0 {
+    if unsafe { bpf_skb_change_tail(skb.cast(), (L3 + OUT_L3_LEN) as u32, 0) } != 0 {
         return TC_ACT_SHOT;
     }
-    let mut eth = [0u8; 12];
-    eth[..6].copy_from_slice(&macs[6..12]);
-    eth[6..].copy_from_slice(&macs[..6]);
-    if ctx.store(0, &eth, 0).is_err() || ctx.store(ETH_HLEN, &out.0, 0).is_err() {
+    if swap_macs::<L3>(ctx).is_err() || ctx.store(L3, &out.0, 0).is_err() {
         return TC_ACT_SHOT;
     }
     // SAFETY: reading the ifindex of the skb we were handed.
