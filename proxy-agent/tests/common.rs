@@ -14,7 +14,7 @@ use proxy_agent::{
     manifests,
     metrics::Metrics,
 };
-use proxy_testkit::{EchoServer, Topology, require_root, unique_prefix};
+use proxy_testkit::{EchoServer, TopoOptions, Topology, require_root, unique_prefix};
 
 pub const BACKEND_PORT: u16 = 8080;
 
@@ -25,26 +25,57 @@ pub struct Env {
     pub topo: Topology,
 }
 
+/// How an [`Env`] is built.
+#[derive(Clone, Debug)]
+pub struct EnvOpts {
+    pub node_ips: Vec<std::net::IpAddr>,
+    pub topo: TopoOptions,
+    pub max_conntrack: u32,
+    pub max_conntrack_other: u32,
+    pub interfaces: Vec<String>,
+}
+
+impl Default for EnvOpts {
+    fn default() -> Self {
+        Self {
+            node_ips: vec![],
+            topo: TopoOptions::default(),
+            max_conntrack: 65536,
+            max_conntrack_other: 65536,
+            interfaces: vec!["veth*".into()],
+        }
+    }
+}
+
 impl Env {
     pub fn new(tag: &str, clients: usize, backends: usize) -> Self {
-        Self::with_node_ips(tag, clients, backends, vec![])
+        Self::build(tag, clients, backends, EnvOpts::default())
     }
 
     /// Like [`Env::new`], with NodePort addresses for the agent.
     pub fn with_node_ips(tag: &str, clients: usize, backends: usize, node_ips: Vec<std::net::IpAddr>) -> Self {
+        Self::build(tag, clients, backends, EnvOpts { node_ips, ..EnvOpts::default() })
+    }
+
+    pub fn build(tag: &str, clients: usize, backends: usize, opts: EnvOpts) -> Self {
         require_root();
         let prefix = unique_prefix(tag);
-        let topo = Topology::build(&prefix, clients, backends).expect("building topology");
+        let topo = Topology::build_with(&prefix, clients, backends, opts.topo).expect("building topology");
         let servers = topo
             .backends
             .iter()
             .map(|b| EchoServer::start(&b.ns, &b.name, BACKEND_PORT).expect("echo server"))
             .collect();
         let cfg = AgentConfig {
-            datapath: DatapathConfig { pin_dir_name: prefix.clone(), max_conntrack: 65536, ..Default::default() },
-            interfaces: vec!["veth*".into()],
+            datapath: DatapathConfig {
+                pin_dir_name: prefix.clone(),
+                max_conntrack: opts.max_conntrack,
+                max_conntrack_other: opts.max_conntrack_other,
+                ..Default::default()
+            },
+            interfaces: opts.interfaces.clone(),
             node_name: "node-a".into(),
-            node_ips,
+            node_ips: opts.node_ips,
             maglev: true,
         };
         let mut env = Env { agent: None, servers, cfg: cfg.clone(), topo };
@@ -56,6 +87,14 @@ impl Env {
         });
         env.agent = Some(agent);
         env
+    }
+
+    /// Re-lists the node's interfaces and attaches new ones (in the node's
+    /// namespace); returns how many were attached.
+    pub fn reattach(&mut self) -> usize {
+        let Env { agent, topo, .. } = self;
+        let agent = agent.as_mut().unwrap();
+        topo.node.run(|| agent.attach_interfaces().expect("listing interfaces"))
     }
 
     pub fn agent(&mut self) -> &mut Agent {

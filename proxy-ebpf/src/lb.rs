@@ -51,7 +51,7 @@ pub fn forward<const L3: usize>(
     now: u64,
 ) -> Result<i32, ()> {
     if let Some(v) = ct::forward_lookup(pkt, now) {
-        count(Stat::CtHit);
+        count(if pkt.has_l4() { Stat::CtHit } else { Stat::FragmentNat });
         let addr = v4_of_mapped(&v.nat_addr).ok_or(())?;
         frag::remember(pkt);
         return nat_forward::<L3>(ctx, pkt, addr, v.nat_port, v.flags & CT_F_HAIRPIN != 0);

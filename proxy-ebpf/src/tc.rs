@@ -124,6 +124,6 @@ pub fn egress<const L3: usize>(ctx: &TcContext) -> Result<i32, ()> {
     let vip_addr = v4_of_mapped(&r.nat_addr).ok_or(())?;
     frag::remember(&pkt);
     rewrite(ctx, &pkt, Side::Src, vip_addr, r.nat_port)?;
-    count(Stat::ReplyNat);
+    count(if pkt.has_l4() { Stat::ReplyNat } else { Stat::FragmentNat });
     Ok(TC_ACT_NEXT)
 }

@@ -85,6 +85,16 @@ impl Netns {
         })
     }
 
+    /// Runs `program args...` in this namespace (see [`Netns::command`]),
+    /// failing with its stderr.
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.command(program).args(args).output().with_context(|| format!("running {program}"))?;
+        if !out.status.success() {
+            bail!("{program} {} in {}: {}", args.join(" "), self.name, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// A command that runs in this namespace (network only: the mount
     /// namespace, and so bpffs, stays the host's, unlike `ip netns exec`).
     #[must_use]
@@ -120,6 +130,7 @@ pub struct Topology {
     pub clients: Vec<Pod>,
     pub backends: Vec<Pod>,
     pub node: Netns,
+    pub opts: TopoOptions,
 }
 
 /// Builds short unique namespace prefixes per process.
@@ -129,13 +140,35 @@ pub fn unique_prefix(tag: &str) -> String {
     format!("kp{}-{}{}", tag, std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Real-node conditions a [`Topology`] can be built with.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TopoOptions {
+    /// Strict reverse-path filtering on every interface of the node.
+    pub rp_filter: bool,
+    /// Pods as ports of a Linux bridge `br0` holding the node's address
+    /// `10.200.0.1/24`, all pods in that one subnet (the reference bridge
+    /// CNI and flannel wire pods this way), instead of routed veths.
+    pub bridge: bool,
+}
+
 impl Topology {
     pub fn build(prefix: &str, clients: usize, backends: usize) -> anyhow::Result<Self> {
+        Self::build_with(prefix, clients, backends, TopoOptions::default())
+    }
+
+    pub fn build_with(prefix: &str, clients: usize, backends: usize, opts: TopoOptions) -> anyhow::Result<Self> {
         let node = Netns::create(&format!("{prefix}-node"))?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
-        node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
-        node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
-        let mut topo = Topology { prefix: prefix.to_owned(), clients: Vec::new(), backends: Vec::new(), node };
+        let rp = if opts.rp_filter { "1" } else { "0" };
+        node.sysctl("net.ipv4.conf.all.rp_filter", rp)?;
+        node.sysctl("net.ipv4.conf.default.rp_filter", rp)?;
+        if opts.bridge {
+            node.ip(&["link", "add", "br0", "type", "bridge"])?;
+            node.ip(&["addr", "add", "10.200.0.1/24", "dev", "br0"])?;
+            node.ip(&["link", "set", "br0", "up"])?;
+        }
+        let mut topo =
+            Topology { prefix: prefix.to_owned(), clients: Vec::new(), backends: Vec::new(), node, opts };
         for i in 0..clients {
             let pod = topo.add_pod(&format!("c{i}"), i as u8)?;
             topo.clients.push(pod);
@@ -147,28 +180,62 @@ impl Topology {
         Ok(topo)
     }
 
-    /// Adds one pod namespace wired to the node.
+    /// Adds one pod namespace wired to the node: routed, pod `i` is
+    /// `10.200.<i>.2/24` behind `10.200.<i>.1`; on a bridge, `10.200.0.<i+10>`
+    /// for clients (i < 90) and `10.200.0.<i>` for backends (i >= 100).
     pub fn add_pod(&self, name: &str, subnet: u8) -> anyhow::Result<Pod> {
         let ns = Netns::create(&format!("{}-{name}", self.prefix))?;
         let node_if = format!("veth{name}");
+        self.wire_pod(&ns, &node_if, subnet)?;
+        let ip = if self.opts.bridge {
+            Ipv4Addr::new(10, 200, 0, if subnet >= 100 { subnet } else { subnet + 10 })
+        } else {
+            Ipv4Addr::new(10, 200, subnet, 2)
+        };
+        Ok(Pod { name: name.to_owned(), ip, node_if, ns })
+    }
+
+    /// (Re)creates the veth pair of a pod namespace (also after the node
+    /// side was deleted: a pod recreated under the same interface name).
+    pub fn wire_pod(&self, ns: &Netns, node_if: &str, subnet: u8) -> anyhow::Result<()> {
         run(
             "ip",
             &[
-                "link", "add", &node_if, "netns", &self.node.name, "type", "veth", "peer", "name", "eth0", "netns",
+                "link", "add", node_if, "netns", &self.node.name, "type", "veth", "peer", "name", "eth0", "netns",
                 &ns.name,
             ],
         )?;
-        let ip = Ipv4Addr::new(10, 200, subnet, 2);
-        let gw = format!("10.200.{subnet}.1");
-        self.node.ip(&["addr", "add", &format!("{gw}/24"), "dev", &node_if])?;
-        self.node.ip(&["link", "set", &node_if, "up"])?;
-        self.node.sysctl(&format!("net.ipv4.conf.{node_if}.rp_filter"), "0")?;
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        let (ip, gw, plen) = if self.opts.bridge {
+            let host = if subnet >= 100 { subnet } else { subnet + 10 };
+            (Ipv4Addr::new(10, 200, 0, host), "10.200.0.1".to_owned(), 24)
+        } else {
+            (Ipv4Addr::new(10, 200, subnet, 2), format!("10.200.{subnet}.1"), 24)
+        };
+        if self.opts.bridge {
+            self.node.ip(&["link", "set", node_if, "master", "br0"])?;
+        } else {
+            self.node.ip(&["addr", "add", &format!("{gw}/{plen}"), "dev", node_if])?;
+        }
+        self.node.ip(&["link", "set", node_if, "up"])?;
+        let rp = if self.opts.rp_filter { "1" } else { "0" };
+        self.node.sysctl(&format!("net.ipv4.conf.{node_if}.rp_filter"), rp)?;
+        ns.ip(&["addr", "add", &format!("{ip}/{plen}"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", "default", "via", &gw])?;
         ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
         ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-        Ok(Pod { name: name.to_owned(), ip, node_if, ns })
+        Ok(())
+    }
+
+    /// Index of interface `name` in the node namespace.
+    pub fn node_ifindex(&self, name: &str) -> anyhow::Result<u32> {
+        let c = std::ffi::CString::new(name)?;
+        // SAFETY: if_nametoindex with a valid C string, in the node's netns.
+        let i = self.node.run(|| unsafe { libc::if_nametoindex(c.as_ptr()) });
+        if i == 0 {
+            bail!("no interface {name} in {}", self.node.name);
+        }
+        Ok(i)
     }
 }
 
@@ -403,4 +470,48 @@ impl Drop for RequestStream {
             let _ = t.join();
         }
     }
+}
+
+pub mod bpf;
+pub mod tun;
+
+/// Opens a TCP connection from `ns` using local port `local_port`
+/// (`SO_REUSEADDR`, so a port whose earlier connection is in TIME_WAIT
+/// toward another destination can be used again).
+pub fn tcp_connect_from(ns: &Netns, local_port: u16, to: SocketAddrV4, timeout: Duration) -> anyhow::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let s = ns.run(|| -> anyhow::Result<TcpStream> {
+        // SAFETY: plain socket calls on a socket we own; the fd is handed to
+        // TcpStream, which closes it.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                bail!("socket: {}", std::io::Error::last_os_error());
+            }
+            let stream = TcpStream::from_raw_fd(fd);
+            let one: libc::c_int = 1;
+            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&raw const one).cast(), 4);
+            let mut local: libc::sockaddr_in = std::mem::zeroed();
+            local.sin_family = libc::AF_INET as libc::sa_family_t;
+            local.sin_port = local_port.to_be();
+            if libc::bind(fd, (&raw const local).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
+                bail!("bind to port {local_port}: {}", std::io::Error::last_os_error());
+            }
+            let tv = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: timeout.subsec_micros() as libc::suseconds_t };
+            // A connect() on a blocking socket honours SO_SNDTIMEO.
+            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, (&raw const tv).cast(), std::mem::size_of::<libc::timeval>() as u32);
+            let mut remote: libc::sockaddr_in = std::mem::zeroed();
+            remote.sin_family = libc::AF_INET as libc::sa_family_t;
+            remote.sin_port = to.port().to_be();
+            remote.sin_addr.s_addr = u32::from_ne_bytes(to.ip().octets());
+            if libc::connect(fd, (&raw const remote).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
+                bail!("connect {to} from port {local_port}: {}", std::io::Error::last_os_error());
+            }
+            Ok(stream)
+        }
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.set_nodelay(true)?;
+    Ok(s)
 }

@@ -111,6 +111,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => {
             require_root("test")?;
             bootstrap::run()?;
+            // The real-node tests load netfilter rules (ct-invalid drop, masquerade).
+            bootstrap::ensure_bench_tools()?;
             let mut a: Vec<&str> = vec!["test", "--workspace", "--exclude", "proxy-ebpf"];
             a.extend(args.iter().map(String::as_str));
             cargo(&a)?;
