@@ -49,12 +49,13 @@ impl Harness {
     }
 
     fn start(&mut self) {
-        let child = common::spawn_agent(
-            &self.topo.node,
-            &self.pin_dir,
-            &["--manifests", self.manifests.to_str().unwrap()],
-            &["--poll-interval-ms", "100"],
-        );
+        self.start_with(&[]);
+    }
+
+    fn start_with(&mut self, extra: &[&str]) {
+        let mut args = vec!["--poll-interval-ms", "100"];
+        args.extend_from_slice(extra);
+        let child = common::spawn_agent(&self.topo.node, &self.pin_dir, &["--manifests", self.manifests.to_str().unwrap()], &args);
         self.child = Some(child);
         assert!(wait_until(Duration::from_secs(15), || proxy_testkit::http_get(&self.topo.node, 10256, "/readyz").starts_with("HTTP/1.1 200")), "agent ready");
     }
@@ -136,5 +137,77 @@ fn kill_and_restart_interrupts_no_connection() {
     assert_eq!(failed, 0, "no request failed across kill -9 and restart ({ok} succeeded)");
     for (s, who) in &mut conns {
         assert_eq!(&tcp_exchange(s).expect("connection opened before the restart still works"), who);
+    }
+}
+
+fn link_pins(h: &Harness) -> Vec<String> {
+    let dir = Path::new("/sys/fs/bpf").join(&h.pin_dir).join("links");
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_recreated_interface_is_attached_again_within_a_second() {
+    // Calico names a pod's veth after the pod: a StatefulSet pod recreated
+    // on the same node gets an interface of the same name, new index.
+    let mut h = Harness::new();
+    h.write("web.yaml", &h.web(&[0, 1]));
+    h.start();
+    assert!(h.answers(3).iter().all(|x| x == "b0" || x == "b1"));
+    let old = h.topo.node_ifindex("vethc0").unwrap();
+    assert!(link_pins(&h).contains(&format!("in_{old}_vethc0")), "{:?}", link_pins(&h));
+
+    h.topo.node.ip(&["link", "del", "vethc0"]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(2), || !link_pins(&h).iter().any(|p| p.contains(&format!("_{old}_")))),
+        "the pinned links of the vanished interface are removed: {:?}",
+        link_pins(&h)
+    );
+    let client_ns = &h.topo.clients[0].ns;
+    h.topo.wire_pod(client_ns, "vethc0", 0).unwrap();
+    let created = std::time::Instant::now();
+    let ok = wait_until(Duration::from_secs(3), || {
+        tcp_request(client_ns, common::sa(VIP, 80), Duration::from_millis(200)).is_ok_and(|(who, _)| who == "b0" || who == "b1")
+    });
+    let took = created.elapsed();
+    assert!(ok, "Service traffic through the recreated interface");
+    assert!(took < Duration::from_secs(1), "attached again in {took:?}");
+    let new = h.topo.node_ifindex("vethc0").unwrap();
+    assert_ne!(new, old);
+    assert!(link_pins(&h).contains(&format!("in_{new}_vethc0")), "{:?}", link_pins(&h));
+}
+
+#[test]
+fn a_resized_conntrack_keeps_its_flows_and_a_too_small_one_is_refused() {
+    let mut h = Harness::new();
+    h.write("web.yaml", &h.web(&[0, 1, 2]));
+    h.start_with(&["--max-conntrack", "8192"]);
+    let mut conns: Vec<(TcpStream, String)> = (0..5)
+        .map(|_| {
+            let mut s = tcp_connect(&h.topo.clients[0].ns, common::sa(VIP, 80), T).unwrap();
+            let who = tcp_exchange(&mut s).unwrap();
+            (s, who)
+        })
+        .collect();
+    h.kill9();
+    h.start_with(&["--max-conntrack", "16384"]);
+    let ct = Path::new("/sys/fs/bpf").join(&h.pin_dir).join(proxy_common::MAP_CT_TCP);
+    let info = aya::maps::MapData::from_pin(&ct).unwrap().info().unwrap();
+    assert_eq!(info.max_entries(), 16384, "the pinned map was resized");
+    for (s, who) in &mut conns {
+        assert_eq!(&tcp_exchange(s).expect("a flow survives the resize"), who);
+    }
+    h.kill9();
+    let out = common::agent_command(&h.topo.node, &h.pin_dir, &["--manifests", h.manifests.to_str().unwrap()], &["--max-conntrack", "4"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an agent that cannot fit the entries in the new size does not start");
+    assert!(err.contains("more than the configured capacity"), "says why: {err}");
+    // Nothing was lost: the next agent with a fitting size serves the flows.
+    h.start_with(&["--max-conntrack", "16384"]);
+    for (s, who) in &mut conns {
+        assert_eq!(&tcp_exchange(s).expect("flows kept after a refused resize"), who);
     }
 }

@@ -180,13 +180,16 @@ pub fn slice_with(svc: &str, slice_name: &str, ports: &[(u16, &str)], endpoints:
 /// every process-level test shares, plus `mode` (`--manifests DIR` or
 /// `--kubeconfig FILE`) and `extra`.
 pub fn spawn_agent(node: &proxy_testkit::Netns, pin_dir: &str, mode: &[&str], extra: &[&str]) -> std::process::Child {
-    node.command(env!("CARGO_BIN_EXE_proxy-agent"))
-        .args(mode)
+    agent_command(node, pin_dir, mode, extra).stdout(std::process::Stdio::null()).spawn().expect("starting proxy-agent")
+}
+
+/// The command [`spawn_agent`] runs.
+pub fn agent_command(node: &proxy_testkit::Netns, pin_dir: &str, mode: &[&str], extra: &[&str]) -> std::process::Command {
+    let mut c = node.command(env!("CARGO_BIN_EXE_proxy-agent"));
+    c.args(mode)
         .args(["--interfaces", "veth*", "--pin-dir", pin_dir, "--node-name", "node-a"])
         .args(["--metrics-addr", "127.0.0.1:10249", "--health-addr", "127.0.0.1:10256"])
         .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("starting proxy-agent")
+        .env("RUST_LOG", "warn");
+    c
 }

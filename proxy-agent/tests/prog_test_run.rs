@@ -302,3 +302,54 @@ fn a_cluster_ip_refuses_ports_it_does_not_serve() {
     let stats = datapath::read_stats(&fx.cfg.pin_dir()).unwrap();
     assert_eq!(stats.iter().find(|(s, _)| *s == proxy_common::Stat::RejectUnknownPort).unwrap().1, 2);
 }
+
+#[test]
+fn the_collector_removes_expired_flows_orphans_and_flows_whose_backend_left() {
+    use proxy_common::{CT_F_REPLY, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, v4_mapped};
+    let mut fx = fixture();
+    // A live TCP flow, made by the datapath itself.
+    let (v, _, _) = fx.dp.test_run(&frame(CLIENT, VIP, 6, 41000, 80, 0x4000, false), 1).unwrap();
+    assert_eq!(v, TC_ACT_NEXT);
+    // A live UDP flow whose backend is still a member.
+    let (v, _, _) = fx.dp.test_run(&frame(CLIENT, VIP, 17, 41001, 53, 0, false), 1).unwrap();
+    assert_eq!(v, TC_ACT_NEXT);
+    let mut ct = datapath::Conntrack::open(&fx.cfg.pin_dir()).unwrap();
+    let live_udp = ct.entries().into_iter().find(|(k, v)| k.proto == IPPROTO_UDP && v.flags & CT_F_REPLY == 0).unwrap();
+    let now = datapath::monotonic_ns();
+    let key = |sport: u16, proto: u8| CtKey {
+        saddr: v4_mapped(CLIENT),
+        daddr: v4_mapped(VIP),
+        sport,
+        dport: 80,
+        proto,
+        _pad: [0; 3],
+    };
+    // A TCP flow that never got past its SYN, idle past that state's
+    // lifetime, with its reply entry (the machine has been up for longer).
+    assert!(now > proxy_common::CT_LIFETIME_TCP_SYN_NS + 2_000_000_000, "uptime too short for this test");
+    let old = CtValue {
+        nat_addr: v4_mapped(BACKEND),
+        nat_port: 8080,
+        flags: 0,
+        backend_id: live_udp.1.backend_id,
+        last_seen_ns: now - proxy_common::CT_LIFETIME_TCP_SYN_NS - 1_000_000_000,
+        svc_id: live_udp.1.svc_id,
+        ..Default::default()
+    };
+    ct.insert(key(42000, IPPROTO_TCP), old).unwrap();
+    let reply_key = CtKey { saddr: v4_mapped(BACKEND), daddr: v4_mapped(CLIENT), sport: 8080, dport: 42000, proto: IPPROTO_TCP, _pad: [0; 3] };
+    ct.insert(reply_key, CtValue { nat_addr: v4_mapped(VIP), nat_port: 80, flags: CT_F_REPLY, ..old }).unwrap();
+    // A reply entry whose forward entry is gone (older than the grace time).
+    let orphan = CtKey { dport: 42001, ..reply_key };
+    ct.insert(orphan, CtValue { nat_addr: v4_mapped(VIP), nat_port: 80, flags: CT_F_REPLY, last_seen_ns: now - 10_000_000_000, ..old }).unwrap();
+    // A UDP flow of a backend that is no frontend's member any more.
+    let left = CtValue { last_seen_ns: now, backend_id: 999_999, ..live_udp.1 };
+    ct.insert(key(42002, IPPROTO_UDP), left).unwrap();
+
+    let r = ct.collect(datapath::monotonic_ns());
+    assert_eq!((r.expired, r.orphans, r.left_backend), (1, 1, 1), "{r:?}");
+    assert_eq!((r.tcp_entries, r.other_entries), (2, 2), "the live flows stay: {r:?}");
+    let keys: Vec<CtKey> = ct.entries().into_iter().map(|(k, _)| k).collect();
+    assert!(!keys.contains(&key(42000, IPPROTO_TCP)) && !keys.contains(&reply_key) && !keys.contains(&orphan));
+    assert!(keys.contains(&live_udp.0));
+}

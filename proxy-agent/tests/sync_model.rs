@@ -153,3 +153,43 @@ fn full_map_fails_one_frontend_not_the_others() {
     assert!(engine.maps().reader_view(&k2).is_none());
     assert!(engine.maps().services.len() <= 5);
 }
+
+#[test]
+fn ids_are_never_reused_across_restarts() {
+    use proxy_agent::sync::MapOps as _;
+    let mut engine = SyncEngine::adopt(MemMaps::default()).unwrap();
+    let one = build(&[Some((0b11, false))]);
+    engine.sync(&one);
+    let ids = |m: &MemMaps| -> (BTreeSet<u32>, BTreeSet<u32>) {
+        (m.backends.keys().copied().collect(), m.services.iter().filter(|(k, _)| k.slot == 0).map(|(_, v)| v.svc_id).collect())
+    };
+    let (b1, s1) = ids(engine.maps());
+    // Everything removed, then the agent restarts on the same maps.
+    engine.sync(&Desired::default());
+    assert!(engine.maps().services().unwrap().is_empty() && engine.maps().backends().unwrap().is_empty());
+    let maps = engine.maps().clone();
+    let mut engine = SyncEngine::adopt(maps).unwrap();
+    engine.sync(&build(&[Some((0b1100, false))]));
+    let (b2, s2) = ids(engine.maps());
+    assert!(b2.iter().all(|id| b1.iter().all(|old| id > old)), "backend ids {b2:?} reuse none of {b1:?}");
+    assert!(s2.iter().all(|id| s1.iter().all(|old| id > old)), "frontend ids {s2:?} reuse none of {s1:?}");
+}
+
+#[test]
+fn membership_and_maglev_tables_follow_the_backend_set() {
+    let mut engine = SyncEngine::adopt(MemMaps::default()).unwrap();
+    engine.sync(&build(&[Some((0b111, false))]));
+    let m = engine.maps();
+    let fe = m.services.iter().find(|(k, _)| k.slot == 0).map(|(_, v)| *v).unwrap();
+    assert_eq!(m.members.iter().filter(|k| k.svc_id == fe.svc_id).count(), 3);
+    let table = m.maglev.get(&fe.svc_id).expect("a Maglev table");
+    let used: BTreeSet<u32> = table.backend_ids.iter().copied().collect();
+    assert_eq!(used.len(), 3, "the table spreads over the three backends");
+    engine.sync(&build(&[Some((0b011, false))]));
+    let m = engine.maps();
+    assert_eq!(m.members.iter().filter(|k| k.svc_id == fe.svc_id).count(), 2, "the member that left is gone");
+    let used: BTreeSet<u32> = m.maglev[&fe.svc_id].backend_ids.iter().copied().collect();
+    assert_eq!(used.len(), 2, "the table no longer names it");
+    engine.sync(&Desired::default());
+    assert!(engine.maps().members.is_empty() && engine.maps().maglev.is_empty(), "removed with the frontend");
+}
