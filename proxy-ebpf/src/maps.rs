@@ -11,14 +11,18 @@ use proxy_common::{
     Stat, VipValue,
 };
 
+/// Maps only the agent writes are allocated as used, not preallocated at
+/// their capacity: memory follows the cluster, not the `--max-*` flags.
+const AGENT_WRITTEN: usize = BPF_F_NO_PREALLOC as usize;
+
 /// Frontends (slot 0) and their backend slots; written only by the agent.
 #[btf_map(name = "kp_svc_v1")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue, { DEFAULT_MAX_SERVICE_ENTRIES as usize }> =
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { DEFAULT_MAX_SERVICE_ENTRIES as usize }, AGENT_WRITTEN> =
     HashMap::new();
 
 /// Backend id -> address; written only by the agent.
 #[btf_map(name = "kp_backend_v1")]
-pub static BACKENDS: HashMap<u32, Backend, { DEFAULT_MAX_BACKENDS as usize }> = HashMap::new();
+pub static BACKENDS: HashMap<u32, Backend, { DEFAULT_MAX_BACKENDS as usize }, AGENT_WRITTEN> = HashMap::new();
 
 /// TCP conntrack. A plain hash: when it is full new flows are refused and
 /// established ones stay (the agent's collector removes expired entries).
@@ -36,16 +40,16 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_MAX_AFFINI
 
 /// (frontend id, backend id) -> 1 while the frontend has that backend.
 #[btf_map(name = "kp_member_v1")]
-pub static MEMBERS: HashMap<MemberKey, u32, { DEFAULT_MAX_SERVICE_ENTRIES as usize }> = HashMap::new();
+pub static MEMBERS: HashMap<MemberKey, u32, { DEFAULT_MAX_SERVICE_ENTRIES as usize }, AGENT_WRITTEN> =
+    HashMap::new();
 
 /// Frontend id -> Maglev table; allocated as used (tables are 4 KiB).
 #[btf_map(name = "kp_maglev_v1")]
-pub static MAGLEV: HashMap<u32, MaglevTable, { DEFAULT_MAX_MAGLEV as usize }, { BPF_F_NO_PREALLOC as usize }> =
-    HashMap::new();
+pub static MAGLEV: HashMap<u32, MaglevTable, { DEFAULT_MAX_MAGLEV as usize }, AGENT_WRITTEN> = HashMap::new();
 
 /// Service addresses -> VIP_F_* flags.
 #[btf_map(name = "kp_vip_v1")]
-pub static VIPS: HashMap<[u8; 16], VipValue, { DEFAULT_MAX_BACKENDS as usize }> = HashMap::new();
+pub static VIPS: HashMap<[u8; 16], VipValue, { DEFAULT_MAX_BACKENDS as usize }, AGENT_WRITTEN> = HashMap::new();
 
 /// First-fragment ports of datagrams in flight.
 #[btf_map(name = "kp_frag_v1")]
