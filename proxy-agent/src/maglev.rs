@@ -32,7 +32,7 @@ pub fn table(backends: &[(u32, Backend)]) -> MaglevTable {
     let m = MAGLEV_M as u64;
     // Order by address so the table does not depend on id assignment.
     let mut sorted: Vec<&(u32, Backend)> = backends.iter().collect();
-    sorted.sort_by(|a, b| (a.1.addr, a.1.port).cmp(&(b.1.addr, b.1.port)));
+    sorted.sort_by_key(|(_, b)| (b.addr, b.port));
     let perms: Vec<(u64, u64)> = sorted
         .iter()
         .map(|(_, b)| (hash(b, 0x5eed_0001) % m, hash(b, 0x5eed_0002) % (m - 1) + 1))

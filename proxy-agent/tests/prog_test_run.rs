@@ -22,17 +22,23 @@ const BACKEND: [u8; 4] = [10, 200, 100, 2];
 struct Fixture {
     dp: Datapath,
     cfg: DatapathConfig,
+    _pins: PinGuard,
 }
 
-impl Drop for Fixture {
+/// Removes the pins of a load that failed half-way (a verifier rejection
+/// after the maps were pinned) too.
+struct PinGuard(std::path::PathBuf);
+
+impl Drop for PinGuard {
     fn drop(&mut self) {
-        let _ = datapath::cleanup(&self.cfg.pin_dir());
+        let _ = datapath::cleanup(&self.0);
     }
 }
 
 fn fixture() -> Fixture {
     require_root();
     let cfg = DatapathConfig { pin_dir_name: unique_prefix("t"), max_conntrack: 4096, ..Default::default() };
+    let pins = PinGuard(cfg.pin_dir());
     let dp = Datapath::load(&cfg).expect("load");
     let mut engine = SyncEngine::adopt(PinnedMaps::open(&cfg.pin_dir()).unwrap()).unwrap();
     let mut d = Desired::default();
@@ -47,7 +53,7 @@ fn fixture() -> Fixture {
     }
     let r = engine.sync(&d);
     assert!(r.failed.is_empty());
-    Fixture { dp, cfg }
+    Fixture { dp, cfg, _pins: pins }
 }
 
 fn ip(o: [u8; 4]) -> IpAddr {
