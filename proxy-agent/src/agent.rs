@@ -13,6 +13,8 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
+use anyhow::Context as _;
+
 use crate::{
     datapath::{self, Datapath, DatapathConfig, Iface, PinnedMaps},
     ifaces::{Link, LinkEvent},
@@ -85,6 +87,10 @@ impl Agent {
         let maps = PinnedMaps::open(&cfg.datapath.pin_dir())?;
         let mut engine = SyncEngine::adopt(maps)?;
         engine.set_maglev(cfg.maglev);
+        let mut datapath = datapath;
+        if let Some(root) = datapath.attach_sockets().context("attaching the socket programs (--socket-lb)")? {
+            tracing::info!(cgroup = %root.display(), mode = ?cfg.datapath.socket_lb, "socket-level load balancing on");
+        }
         let (f, b) = engine.counts();
         tracing::info!(frontends = f, backends = b, pin_dir = %cfg.datapath.pin_dir().display(), "datapath loaded, maps adopted");
         Ok(Self {
@@ -276,7 +282,7 @@ pub fn spawn_conntrack_gc(pin_dir: PathBuf, cfg: DatapathConfig, interval: Durat
                 let r = ct.collect(datapath::monotonic_ns());
                 metrics.set_map_fill(proxy_common::MAP_CT_TCP, r.tcp_entries as u64, u64::from(cfg.max_conntrack));
                 metrics.set_map_fill(proxy_common::MAP_CT_ANY, r.other_entries as u64, u64::from(cfg.max_conntrack_other));
-                metrics.ct_collected.fetch_add((r.expired + r.left_backend + r.orphans) as u64, Ordering::Relaxed);
+                metrics.ct_collected.fetch_add((r.expired + r.left_backend + r.orphans + r.sockets) as u64, Ordering::Relaxed);
                 if r.expired + r.left_backend + r.orphans > 0 {
                     tracing::debug!(?r, "conntrack collected");
                 }

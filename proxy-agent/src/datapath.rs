@@ -26,7 +26,7 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{Array, HashMap as AyaHashMap, Map, MapData, PerCpuArray},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink, TcAttachOptions},
     },
@@ -60,6 +60,36 @@ pub struct DatapathConfig {
     /// UDP and other conntrack capacity (two entries per flow).
     pub max_conntrack_other: u32,
     pub max_affinity: u32,
+    /// Which sockets the cgroup programs translate.
+    pub socket_lb: SocketLb,
+    /// cgroup v2 directory the socket programs attach to (`None`: the root
+    /// of the unified hierarchy, mounted when there is none).
+    pub cgroup_root: Option<PathBuf>,
+}
+
+/// Socket-level load balancing (`--socket-lb`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SocketLb {
+    /// Every socket in the cgroup (pods and the host).
+    #[default]
+    All,
+    /// Only sockets of the host network namespace (for service meshes that
+    /// must see Service addresses inside pods); pods use the TC path.
+    HostOnly,
+    /// No socket programs: the TC path translates everything it sees.
+    Off,
+}
+
+impl std::str::FromStr for SocketLb {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Self::All),
+            "host-only" => Ok(Self::HostOnly),
+            "off" => Ok(Self::Off),
+            other => Err(format!("--socket-lb must be all, host-only or off, not {other:?}")),
+        }
+    }
 }
 
 impl Default for DatapathConfig {
@@ -72,6 +102,8 @@ impl Default for DatapathConfig {
             max_conntrack: proxy_common::DEFAULT_MAX_CT_TCP,
             max_conntrack_other: proxy_common::DEFAULT_MAX_CT_ANY,
             max_affinity: proxy_common::DEFAULT_MAX_AFFINITY,
+            socket_lb: SocketLb::Off,
+            cgroup_root: None,
         }
     }
 }
@@ -233,6 +265,10 @@ impl Datapath {
         for (name, size) in cfg.sizes() {
             loader.map_max_entries(name, size);
         }
+        let host_only = u32::from(cfg.socket_lb == SocketLb::HostOnly);
+        let netns_cookie = netns_cookie().context("reading this network namespace's cookie (SO_NETNS_COOKIE, Linux >= 5.14)")?;
+        loader.override_global(proxy_common::GLOBAL_SOCK_HOST_ONLY, &host_only, true);
+        loader.override_global(proxy_common::GLOBAL_HOST_NETNS_COOKIE, &netns_cookie, true);
         let loaded = loader.load(EBPF_OBJECT);
         let mut ebpf = match loaded {
             Ok(e) => e,
@@ -258,6 +294,13 @@ impl Datapath {
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
                 .try_into()?;
             prog.load().with_context(|| format!("the verifier rejected the TC program {name}"))?;
+        }
+        for name in proxy_common::SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("the verifier rejected the socket program {name}"))?;
         }
         for old in RETIRED_MAPS {
             // Programs still running use them by fd; the pins only go.
@@ -389,6 +432,65 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches (or, with `--socket-lb=off`, detaches) the socket programs
+    /// at the configured cgroup. Links are pinned as `links/sock_<program>`;
+    /// a restarted agent swaps the program behind each pinned link
+    /// atomically (`BPF_LINK_UPDATE`), so no connect() meets a gap. Returns
+    /// the cgroup attached to.
+    pub fn attach_sockets(&mut self) -> anyhow::Result<Option<PathBuf>> {
+        let links = self.cfg.pin_dir().join("links");
+        if self.cfg.socket_lb == SocketLb::Off {
+            for name in proxy_common::SOCK_PROGRAMS {
+                let pin = links.join(format!("sock_{name}"));
+                if pin.exists() {
+                    if let Ok(p) = PinnedLink::from_pin(&pin) {
+                        let _ = p.unpin();
+                    }
+                    let _ = fs::remove_file(&pin);
+                    tracing::info!(program = name, "socket program detached (--socket-lb=off)");
+                }
+            }
+            return Ok(None);
+        }
+        let root = match &self.cfg.cgroup_root {
+            Some(p) => p.clone(),
+            None => cgroup2_root()?,
+        };
+        let cgroup = fs::File::open(&root)
+            .with_context(|| format!("opening cgroup {} (set --cgroup-root to a cgroup v2 directory)", root.display()))?;
+        for name in proxy_common::SOCK_PROGRAMS {
+            let pin = links.join(format!("sock_{name}"));
+            let prog: &mut CgroupSockAddr =
+                self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
+            if pin.exists() {
+                match PinnedLink::from_pin(&pin) {
+                    Ok(link) => {
+                        let fd: FdLink = link.into();
+                        match link_update(&fd, prog.fd()?.as_fd()) {
+                            Ok(()) => {
+                                // Dropping our fd leaves the pinned link attached.
+                                tracing::info!(program = name, cgroup = %root.display(), "replaced socket program on pinned link");
+                                continue;
+                            }
+                            Err(e) => tracing::warn!(program = name, error = %e, "pinned socket link is stale; attaching anew"),
+                        }
+                    }
+                    Err(e) => tracing::warn!(program = name, error = %e, "unreadable socket link pin; attaching anew"),
+                }
+                let _ = fs::remove_file(&pin);
+            }
+            let id = prog
+                // A cgroup bpf_link always coexists with other programs (multi);
+                // the kernel refuses attach flags on links.
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to cgroup {}", root.display()))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+            tracing::info!(program = name, cgroup = %root.display(), mode = ?self.cfg.socket_lb, "socket program attached");
+        }
+        Ok(Some(root))
+    }
+
     /// Removes the pinned links of interfaces that are gone (or were
     /// recreated: same name, new index). `present` maps index -> name.
     /// Returns the pins removed.
@@ -397,6 +499,9 @@ impl Datapath {
         let Ok(entries) = fs::read_dir(self.cfg.pin_dir().join("links")) else { return removed };
         for e in entries.flatten() {
             let pin = e.file_name().to_string_lossy().into_owned();
+            if !(pin.starts_with("in_") || pin.starts_with("eg_")) {
+                continue; // socket program links are not per interface
+            }
             let keep = parse_link_pin(&pin)
                 .is_some_and(|(index, name)| present.get(&index).is_some_and(|n| n.replace('.', "_") == name));
             if !keep {
@@ -410,6 +515,71 @@ impl Datapath {
         }
         removed
     }
+}
+
+/// `BPF_LINK_UPDATE`: swaps the program behind `link` for `prog`.
+fn link_update(link: &FdLink, prog: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // aya keeps the link's fd private; reopen the link by its id.
+    let id = link.info().map_err(io::Error::other)?.id();
+    let fd = link_fd_by_id(id)?;
+    let mut attr = [0u8; 32];
+    attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    // SAFETY: bpf(BPF_LINK_UPDATE) with a zeroed attribute of its size.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 29 /* BPF_LINK_UPDATE */, attr.as_ptr(), attr.len() as u32) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// An fd for the link with `id` (`BPF_LINK_GET_FD_BY_ID`).
+fn link_fd_by_id(id: u32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let mut attr = [0u8; 16];
+    attr[0..4].copy_from_slice(&id.to_ne_bytes());
+    // SAFETY: bpf(BPF_LINK_GET_FD_BY_ID) with a zeroed attribute of its size.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 30 /* BPF_LINK_GET_FD_BY_ID */, attr.as_ptr(), attr.len() as u32) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd the kernel just returned.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// The cookie of the calling thread's network namespace.
+fn netns_cookie() -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))?;
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt(SO_NETNS_COOKIE) into a u64 on our own socket.
+    let r = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, 71, (&raw mut v).cast(), &raw mut len) };
+    if r != 0 { Err(io::Error::last_os_error()) } else { Ok(v) }
+}
+
+/// The mount point of the cgroup v2 (unified) hierarchy; one is mounted at
+/// `/run/kproxy/cgroup2` when there is none.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    for line in mounts.lines() {
+        // ... mount-point ... - fstype source options
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mp) = left.split_whitespace().nth(4)
+        {
+            return Ok(PathBuf::from(mp.replace("\\040", " ")));
+        }
+    }
+    let mp = PathBuf::from("/run/kproxy/cgroup2");
+    fs::create_dir_all(&mp)?;
+    let c = CString::new(mp.as_os_str().as_bytes())?;
+    let fstype = CString::new("cgroup2")?;
+    // SAFETY: plain mount(2) call with valid C strings.
+    if unsafe { libc::mount(fstype.as_ptr(), c.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("no cgroup2 mount, and mounting one at {} failed; pass --cgroup-root", mp.display()));
+    }
+    tracing::info!(path = %mp.display(), "mounted cgroup2");
+    Ok(mp)
 }
 
 /// Pin names of an interface's ingress and egress links. bpffs refuses
@@ -556,6 +726,7 @@ pub fn read_stats(pin_dir: &Path) -> anyhow::Result<Vec<(Stat, u64)>> {
 pub struct Conntrack {
     maps: [(&'static str, AyaHashMap<MapData, CtKey, CtValue>); 2],
     members: AyaHashMap<MapData, MemberKey, u32>,
+    sock_rev: AyaHashMap<MapData, proxy_common::SockRevKey, proxy_common::SockRevValue>,
 }
 
 /// What one collector pass did.
@@ -570,6 +741,8 @@ pub struct GcReport {
     pub left_backend: usize,
     /// Reply entries without a forward entry.
     pub orphans: usize,
+    /// Socket reverse entries of backends that left their frontend.
+    pub sockets: usize,
 }
 
 /// Reply entries younger than this are never orphans: the datapath writes
@@ -605,7 +778,21 @@ impl Conntrack {
                 (MAP_CT_ANY, AyaHashMap::try_from(open_pinned(pin_dir, MAP_CT_ANY)?)?),
             ],
             members: AyaHashMap::try_from(open_pinned(pin_dir, MAP_MEMBERS)?)?,
+            sock_rev: AyaHashMap::try_from(open_pinned(pin_dir, proxy_common::MAP_SOCK_REV)?)?,
         })
+    }
+
+    /// Socket reverse entries of backends that left their frontend (the
+    /// socket LB's per-socket state): removed, counted.
+    pub fn collect_sockets(&mut self) -> usize {
+        let stale: Vec<proxy_common::SockRevKey> = self
+            .sock_rev
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| self.members.get(&MemberKey { svc_id: v.svc_id, backend_id: v.backend_id }, 0).is_err())
+            .map(|(k, _)| k)
+            .collect();
+        stale.iter().filter(|k| self.sock_rev.remove(k).is_ok()).count()
     }
 
     /// Every entry of both maps.
@@ -667,6 +854,7 @@ impl Conntrack {
                 r.other_entries = left;
             }
         }
+        r.sockets = self.collect_sockets();
         r
     }
 }

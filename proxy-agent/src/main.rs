@@ -18,7 +18,7 @@ use proxy_agent::{
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "eBPF replacement for kube-proxy")]
+#[command(version, about = "eBPF replacement for kube-proxy", args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -105,6 +105,15 @@ struct DpArgs {
     /// Capacity of the UDP (and other) conntrack map, an LRU (two entries per flow).
     #[arg(global = true, long, env = "KPROXY_MAX_CONNTRACK_OTHER", default_value_t = proxy_common::DEFAULT_MAX_CT_ANY)]
     max_conntrack_other: u32,
+    /// Socket-level load balancing: `all` (pods and host processes
+    /// translated at connect()), `host-only` (only the host network
+    /// namespace; pods use the TC path), `off`.
+    #[arg(global = true, long, env = "KPROXY_SOCKET_LB", default_value = "all")]
+    socket_lb: datapath::SocketLb,
+    /// cgroup v2 directory for the socket programs (default: the root of the
+    /// unified hierarchy, mounted when there is none).
+    #[arg(global = true, long, env = "KPROXY_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
 }
 
 impl DpArgs {
@@ -116,6 +125,8 @@ impl DpArgs {
             max_backends: self.max_backends,
             max_conntrack: self.max_conntrack,
             max_conntrack_other: self.max_conntrack_other,
+            socket_lb: self.socket_lb,
+            cgroup_root: self.cgroup_root.clone(),
             ..DatapathConfig::default()
         }
     }

@@ -33,6 +33,8 @@ pub struct EnvOpts {
     pub max_conntrack: u32,
     pub max_conntrack_other: u32,
     pub interfaces: Vec<String>,
+    pub socket_lb: datapath::SocketLb,
+    pub cgroup_root: Option<std::path::PathBuf>,
 }
 
 impl Default for EnvOpts {
@@ -43,6 +45,8 @@ impl Default for EnvOpts {
             max_conntrack: 65536,
             max_conntrack_other: 65536,
             interfaces: vec!["veth*".into()],
+            socket_lb: datapath::SocketLb::Off,
+            cgroup_root: None,
         }
     }
 }
@@ -71,6 +75,8 @@ impl Env {
                 pin_dir_name: prefix.clone(),
                 max_conntrack: opts.max_conntrack,
                 max_conntrack_other: opts.max_conntrack_other,
+                socket_lb: opts.socket_lb,
+                cgroup_root: opts.cgroup_root.clone(),
                 ..Default::default()
             },
             interfaces: opts.interfaces.clone(),
@@ -189,6 +195,9 @@ pub fn agent_command(node: &proxy_testkit::Netns, pin_dir: &str, mode: &[&str], 
     c.args(mode)
         .args(["--interfaces", "veth*", "--pin-dir", pin_dir, "--node-name", "node-a"])
         .args(["--metrics-addr", "127.0.0.1:10249", "--health-addr", "127.0.0.1:10256"])
+        // Off unless a test says otherwise (later flags win): socket programs
+        // never go to this machine's root cgroup.
+        .args(["--socket-lb", "off"])
         .args(extra)
         .env("RUST_LOG", "warn");
     c

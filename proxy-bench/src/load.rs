@@ -161,6 +161,8 @@ pub fn memory(services: usize, endpoints: usize) -> anyhow::Result<Memory> {
         .command(agent.to_str().unwrap())
         .args(["--manifests", dir.to_str().unwrap(), "--interfaces", "lo", "--pin-dir", &prefix])
         .args(["--metrics-addr", "127.0.0.1:10249", "--health-addr", "127.0.0.1:10256"])
+        // Never attach socket programs at this machine's root cgroup.
+        .args(["--socket-lb", "off"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()?;

@@ -35,13 +35,16 @@ pub const MAP_MAGLEV: &str = "kp_maglev_v1";
 pub const MAP_VIPS: &str = "kp_vip_v1";
 /// First-fragment ports, so later fragments of a datagram are translated too.
 pub const MAP_FRAGS: &str = "kp_frag_v1";
+/// Socket-level LB: (socket, backend) -> the frontend the socket asked for,
+/// so replies and getpeername() show the Service address (LRU).
+pub const MAP_SOCK_REV: &str = "kp_sock_rev_v1";
 /// Agent bookkeeping that must survive restarts (id high-water marks).
 pub const MAP_META: &str = "kp_meta_v1";
 /// Per-CPU counters indexed by [`Stat`].
 pub const MAP_STATS: &str = "kp_stats_v2";
 /// Every map of the eBPF object, in the order the agent adopts/creates them
 /// ([`MAP_META`] is the agent's own and not part of the object).
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CT_TCP,
@@ -51,6 +54,7 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_MAGLEV,
     MAP_VIPS,
     MAP_FRAGS,
+    MAP_SOCK_REV,
     MAP_STATS,
 ];
 /// Pins of earlier layouts; removed once the new datapath is attached.
@@ -64,6 +68,20 @@ pub const PROG_TC_EGRESS: &str = "kp_tc_egress";
 pub const PROG_TC_INGRESS_L3: &str = "kp_tc_ingress_l3";
 pub const PROG_TC_EGRESS_L3: &str = "kp_tc_egress_l3";
 
+/// cgroup socket programs (socket-level load balancing).
+pub const PROG_SOCK_CONNECT4: &str = "kp_sock_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "kp_sock_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "kp_sock_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "kp_sock_getpeername4";
+/// Every socket program, in attach order.
+pub const SOCK_PROGRAMS: [&str; 4] = [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_SOCK_RECVMSG4, PROG_SOCK_GETPEERNAME4];
+
+/// Load-time globals of the socket programs.
+/// `u32`: 1 = translate only sockets of the host network namespace.
+pub const GLOBAL_SOCK_HOST_ONLY: &str = "KP_SOCK_HOST_ONLY";
+/// `u64`: the netns cookie of the host network namespace (the agent's).
+pub const GLOBAL_HOST_NETNS_COOKIE: &str = "KP_HOST_NETNS_COOKIE";
+
 /// Default capacities; the agent can override them at load time.
 pub const DEFAULT_MAX_SERVICE_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
@@ -72,6 +90,7 @@ pub const DEFAULT_MAX_CT_ANY: u32 = 262_144;
 pub const DEFAULT_MAX_AFFINITY: u32 = 131_072;
 pub const DEFAULT_MAX_MAGLEV: u32 = 65_536;
 pub const MAX_FRAGS: u32 = 8_192;
+pub const DEFAULT_MAX_SOCK_REV: u32 = 131_072;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -283,6 +302,28 @@ pub struct FragValue {
     pub dport: u16, // host order
 }
 
+/// Key of the socket reverse map: a socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,     // bpf_get_socket_cookie()
+    pub addr: [u8; 16],  // backend address, network order
+    pub port: u16,       // backend port, host order
+    pub _pad: [u8; 6],   // zero
+}
+
+/// Value of the socket reverse map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevValue {
+    pub addr: [u8; 16],  // frontend address, network order
+    pub port: u16,       // frontend port, host order
+    pub _pad: u16,       // zero
+    pub svc_id: u32,     // frontend id
+    pub backend_id: u32, // backend id (the collector drops entries of backends that left)
+    pub _pad2: u32,      // zero
+}
+
 /// Slots of the meta map (`u64` values).
 pub const META_NEXT_BACKEND_ID: u32 = 0;
 pub const META_NEXT_SVC_ID: u32 = 1;
@@ -337,9 +378,21 @@ pub enum Stat {
     SelectRandom = 20,
     /// Dropped: a ClusterIP with a protocol it does not serve (not TCP, UDP or ICMP).
     DropUnknownProto = 21,
+    /// Socket LB: connect() to a Service sent to a backend.
+    SockConnect = 22,
+    /// Socket LB: an unconnected datagram to a Service sent to a backend.
+    SockSendmsg = 23,
+    /// Socket LB: a reply's source or getpeername() shown as the Service again.
+    SockRevNat = 24,
+    /// Socket LB: connect()/sendmsg() to a Service without endpoints or to a ClusterIP port it does not serve refused (ECONNREFUSED).
+    SockRefused = 25,
+    /// Socket LB in host-only mode: a pod's socket left to the TC path.
+    SockSkipNetns = 26,
+    /// Socket LB: a pod's connected UDP socket left to the TC path (it then follows backend changes per packet).
+    SockUdpToTc = 27,
 }
 
-pub const STAT_COUNT: u32 = 22;
+pub const STAT_COUNT: u32 = 28;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -365,6 +418,12 @@ impl Stat {
         Stat::SelectMaglev,
         Stat::SelectRandom,
         Stat::DropUnknownProto,
+        Stat::SockConnect,
+        Stat::SockSendmsg,
+        Stat::SockRevNat,
+        Stat::SockRefused,
+        Stat::SockSkipNetns,
+        Stat::SockUdpToTc,
     ];
 
     /// Metric label for this counter.
@@ -393,6 +452,12 @@ impl Stat {
             Stat::SelectMaglev => "select_maglev",
             Stat::SelectRandom => "select_random",
             Stat::DropUnknownProto => "drop_unknown_proto",
+            Stat::SockConnect => "sock_connect",
+            Stat::SockSendmsg => "sock_sendmsg",
+            Stat::SockRevNat => "sock_rev_nat",
+            Stat::SockRefused => "sock_refused",
+            Stat::SockSkipNetns => "sock_skip_netns",
+            Stat::SockUdpToTc => "sock_udp_to_tc",
         }
     }
 
@@ -422,6 +487,12 @@ impl Stat {
             Stat::SelectMaglev => "backend chosen by the Maglev table",
             Stat::SelectRandom => "backend chosen at random",
             Stat::DropUnknownProto => "dropped: a ClusterIP with a protocol it does not serve (not TCP, UDP or ICMP)",
+            Stat::SockConnect => "socket LB: connect() to a Service sent to a backend",
+            Stat::SockSendmsg => "socket LB: an unconnected datagram to a Service sent to a backend",
+            Stat::SockRevNat => "socket LB: a reply's source or getpeername() shown as the Service again",
+            Stat::SockRefused => "socket LB: connect()/sendmsg() to a Service without endpoints or to a ClusterIP port it does not serve refused (ECONNREFUSED)",
+            Stat::SockSkipNetns => "socket LB in host-only mode: a pod's socket left to the TC path",
+            Stat::SockUdpToTc => "socket LB: a pod's connected UDP socket left to the TC path (it then follows backend changes per packet)",
         }
     }
 }
@@ -459,6 +530,8 @@ const _: () = {
     assert!(core::mem::size_of::<VipValue>() == 8);
     assert!(core::mem::size_of::<FragKey>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
+    assert!(core::mem::size_of::<SockRevKey>() == 32);
+    assert!(core::mem::size_of::<SockRevValue>() == 32);
 };
 
 #[cfg(feature = "user")]
@@ -477,4 +550,6 @@ mod pod {
     unsafe impl aya::Pod for super::VipValue {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for super::SockRevKey {}
+    unsafe impl aya::Pod for super::SockRevValue {}
 }

@@ -13,9 +13,14 @@ mod maps;
 mod nat;
 mod packet;
 mod reject;
+mod sock;
 mod tc;
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 use proxy_common::Stat;
 
 use crate::{maps::count, packet::ETH_HLEN};
@@ -59,6 +64,30 @@ pub fn kp_tc_ingress_l3(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn kp_tc_egress_l3(ctx: TcContext) -> i32 {
     verdict(tc::egress::<0>(&ctx))
+}
+
+/// cgroup connect(): TCP and connected UDP to a Service go to a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn kp_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, sock::Hook::Connect)
+}
+
+/// cgroup sendmsg(): unconnected UDP datagrams to a Service go to a backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn kp_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, sock::Hook::Sendmsg)
+}
+
+/// cgroup recvmsg(): a reply's source shows as the Service again.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn kp_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// cgroup getpeername(): the peer shows as the Service.
+#[cgroup_sock_addr(getpeername4)]
+pub fn kp_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
 }
 
 #[cfg(not(test))]

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_CT_ANY, DEFAULT_MAX_CT_TCP, DEFAULT_MAX_MAGLEV, DEFAULT_MAX_SERVICE_ENTRIES, FragKey,
-    FragValue, IPPROTO_TCP, MAX_FRAGS, MaglevTable, MemberKey, STAT_COUNT, ServiceKey, ServiceValue,
+    FragValue, IPPROTO_TCP, MAX_FRAGS, DEFAULT_MAX_SOCK_REV, SockRevKey, SockRevValue, MaglevTable, MemberKey, STAT_COUNT, ServiceKey, ServiceValue,
     Stat, VipValue,
 };
 
@@ -54,6 +54,10 @@ pub static VIPS: HashMap<[u8; 16], VipValue, { DEFAULT_MAX_BACKENDS as usize }, 
 /// First-fragment ports of datagrams in flight.
 #[btf_map(name = "kp_frag_v1")]
 pub static FRAGS: LruHashMap<FragKey, FragValue, { MAX_FRAGS as usize }> = LruHashMap::new();
+
+/// Socket LB: (socket cookie, backend) -> the frontend the socket asked for.
+#[btf_map(name = "kp_sock_rev_v1")]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { DEFAULT_MAX_SOCK_REV as usize }> = LruHashMap::new();
 
 /// Per-CPU counters indexed by `Stat`.
 #[btf_map(name = "kp_stats_v2")]

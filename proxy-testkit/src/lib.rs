@@ -515,3 +515,51 @@ pub fn tcp_connect_from(ns: &Netns, local_port: u16, to: SocketAddrV4, timeout: 
     s.set_nodelay(true)?;
     Ok(s)
 }
+
+/// A child cgroup of the unified (v2) hierarchy that this whole process is
+/// moved into, so socket programs attached to it see only this test
+/// process's own sockets. Dropping it moves the process back and removes
+/// the cgroup.
+pub struct ChildCgroup {
+    pub path: std::path::PathBuf,
+    parent_procs: std::path::PathBuf,
+}
+
+impl ChildCgroup {
+    /// Creates `<unified root>/<name>` and moves this process into it.
+    pub fn enter(name: &str) -> anyhow::Result<Self> {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let root = mounts
+            .lines()
+            .find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                (right.split_whitespace().next() == Some("cgroup2")).then(|| left.split_whitespace().nth(4).map(str::to_owned))?
+            })
+            .context("no cgroup2 mount on this machine")?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let rel = own.lines().find_map(|l| l.strip_prefix("0::")).context("not in a cgroup v2 hierarchy")?.trim().to_owned();
+        let parent = std::path::Path::new(&root).join(rel.trim_start_matches('/'));
+        let path = std::path::Path::new(&root).join(name);
+        let _ = std::fs::remove_dir(&path);
+        std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        let me = std::process::id().to_string();
+        if let Err(e) = std::fs::write(path.join("cgroup.procs"), &me) {
+            let _ = std::fs::remove_dir(&path);
+            bail!("moving this process into {}: {e}", path.display());
+        }
+        Ok(Self { path, parent_procs: parent.join("cgroup.procs") })
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        let me = std::process::id().to_string();
+        let _ = std::fs::write(&self.parent_procs, &me);
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

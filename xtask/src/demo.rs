@@ -66,6 +66,9 @@ pub fn run() -> anyhow::Result<()> {
         .command(agent_bin.to_str().unwrap())
         .args(["--manifests", manifests.to_str().unwrap(), "--interfaces", "veth*", "--pin-dir", PIN_DIR])
         .args(["--node-name", "demo-node", "--metrics-addr", "127.0.0.1:10249", "--health-addr", "127.0.0.1:10256"])
+        // The demo's client is a pod: the TC path. Socket programs would
+        // attach to this machine's root cgroup, which the demo never touches.
+        .args(["--socket-lb", "off"])
         .env("RUST_LOG", "warn")
         .spawn()
         .with_context(|| format!("starting {}", agent_bin.display()))?;

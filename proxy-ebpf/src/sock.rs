@@ -1,0 +1,198 @@
+//! Socket-level load balancing (cgroup/connect4, sendmsg4, recvmsg4,
+//! getpeername4), as Cilium's bpf_sock.c does it: a connection to a Service
+//! is addressed to the chosen backend once, at connect(), so none of its
+//! packets is translated again (TC sees a packet to a backend and lets it
+//! pass); unconnected UDP is translated per datagram at sendmsg(); replies
+//! and getpeername() show the Service address again from a per-socket
+//! reverse map. Processes of the node's own network namespace (kubelet,
+//! host-network pods, this agent) are translated here, since their packets
+//! never cross a TC ingress hook of ours.
+//!
+//! A pod's connected UDP socket is left to the TC path (which follows
+//! backend changes per packet, so a DNS client switches at once when its
+//! server pod leaves); a connected UDP socket of the host namespace is
+//! translated here and keeps its backend until it reconnects.
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use proxy_common::{
+    AffinityKey, AffinityValue, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_M, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_MAGLEV,
+    ServiceKey, ServiceValue, SockRevKey, SockRevValue, Stat, VIP_F_CLUSTER_IP, VIP_F_NODE, v4_mapped, v4_of_mapped,
+};
+
+use crate::{
+    lb::lookup_vip,
+    maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, SOCK_REV, count, is_member},
+};
+
+/// 1: translate only sockets of the host network namespace (set at load).
+#[unsafe(no_mangle)]
+static KP_SOCK_HOST_ONLY: u32 = 0;
+/// The host network namespace's cookie (set at load).
+#[unsafe(no_mangle)]
+static KP_HOST_NETNS_COOKIE: u64 = 0;
+
+const ECONNREFUSED: i32 = 111;
+/// cgroup/sock_addr verdicts.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+/// Which hook a translation runs in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Connect,
+    Sendmsg,
+}
+
+#[inline(always)]
+fn host_netns(ctx: &SockAddrContext) -> bool {
+    // SAFETY: helper on our own context; the global is read once.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    cookie == unsafe { core::ptr::read_volatile(&raw const KP_HOST_NETNS_COOKIE) }
+}
+
+/// A hash of the socket (and the frontend), the same for every call on it.
+#[inline(always)]
+fn sock_hash(cookie: u64, key: &ServiceKey) -> u32 {
+    let mut h = (cookie as u32) ^ ((cookie >> 32) as u32).rotate_left(16);
+    h ^= u32::from(key.port) << 8 | u32::from(key.proto);
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Backend for a new connection or datagram: the affine one while it is a
+/// member of this frontend, else by the Maglev table (hashing the socket),
+/// else a random slot. The affinity key of a socket is its network
+/// namespace (a pod), the source address not being known yet at connect().
+#[inline(always)]
+fn select(ctx: &SockAddrContext, key: &ServiceKey, svc: &ServiceValue, cookie: u64, now: u64) -> Option<u32> {
+    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    let mut client = [0xffu8; 16];
+    // SAFETY: helper on our own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    client[..8].copy_from_slice(&netns.to_ne_bytes());
+    let akey = AffinityKey { client, svc_id: svc.svc_id };
+    if affinity {
+        // SAFETY: copied out at once.
+        if let Some(a) = unsafe { AFFINITY.get(&akey) }.copied() {
+            let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
+            if now.wrapping_sub(a.last_used_ns) < timeout_ns && is_member(svc.svc_id, a.backend_id) {
+                count(Stat::AffinityHit);
+                let _ = AFFINITY.insert(&akey, &AffinityValue { backend_id: a.backend_id, _pad: 0, last_used_ns: now }, 0);
+                return Some(a.backend_id);
+            }
+        }
+    }
+    let mut id = 0;
+    if svc.flags & SVC_F_MAGLEV != 0
+        && let Some(table) = MAGLEV.get_ptr(&svc.svc_id)
+    {
+        let idx = (sock_hash(cookie, key) % MAGLEV_M as u32) as usize;
+        // SAFETY: volatile read of a local (keeps the bound check for the verifier).
+        let idx = unsafe { core::ptr::read_volatile(&raw const idx) };
+        if idx < MAGLEV_M {
+            // SAFETY: idx is bounded by the table length just above.
+            id = unsafe { (*table).backend_ids[idx] };
+        }
+    }
+    if id == 0 {
+        let n = u32::from(svc.count);
+        if n == 0 {
+            return None;
+        }
+        let slot = (unsafe { bpf_get_prandom_u32() } % n) as u16 + 1;
+        // SAFETY: copied out at once.
+        id = unsafe { SERVICES.get(&ServiceKey { slot, ..*key }) }?.backend_id;
+    }
+    if affinity {
+        let _ = AFFINITY.insert(&akey, &AffinityValue { backend_id: id, _pad: 0, last_used_ns: now }, 0);
+    }
+    Some(id)
+}
+
+/// connect4 / sendmsg4: a destination that is a Service frontend becomes a
+/// backend. A Service without endpoints, or a ClusterIP port no Service
+/// serves, fails the call with ECONNREFUSED at once.
+#[inline(always)]
+pub fn translate(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: reading fields of the context we were handed.
+    let (proto, ip, port) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
+    let proto = proto as u8;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return ALLOW;
+    }
+    let daddr = ip.to_ne_bytes();
+    let Some(vip) = lookup_vip(daddr) else { return ALLOW };
+    let host = host_netns(ctx);
+    if !host && unsafe { core::ptr::read_volatile(&raw const KP_SOCK_HOST_ONLY) } != 0 {
+        count(Stat::SockSkipNetns);
+        return ALLOW;
+    }
+    if !host && hook == Hook::Connect && proto == IPPROTO_UDP {
+        count(Stat::SockUdpToTc);
+        return ALLOW;
+    }
+    let dport = u16::from_be(port as u16);
+    let key = ServiceKey { addr: v4_mapped(daddr), port: dport, proto, scope: SCOPE_EXTERNAL, slot: 0, _pad: 0 };
+    // SAFETY: copied out at once.
+    let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
+        if vip.flags & VIP_F_CLUSTER_IP != 0 && vip.flags & VIP_F_NODE == 0 {
+            count(Stat::SockRefused);
+            // SAFETY: helper without memory arguments.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            return REFUSE;
+        }
+        return ALLOW;
+    };
+    if svc.count == 0 {
+        count(Stat::SockRefused);
+        // SAFETY: helper without memory arguments.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return REFUSE;
+    }
+    // SAFETY: helpers on our own context.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let Some(backend_id) = select(ctx, &key, &svc, cookie, now) else { return ALLOW };
+    // SAFETY: copied out at once.
+    let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }).copied() else { return ALLOW };
+    let Some(baddr) = v4_of_mapped(&backend.addr) else { return ALLOW };
+    let rkey = SockRevKey { cookie, addr: backend.addr, port: backend.port, _pad: [0; 6] };
+    let rval = SockRevValue { addr: key.addr, port: dport, _pad: 0, svc_id: svc.svc_id, backend_id, _pad2: 0 };
+    if SOCK_REV.insert(&rkey, &rval, 0).is_err() {
+        // Without the reverse entry replies would show the backend: do not
+        // translate at the socket (TC still can, for pods).
+        return ALLOW;
+    }
+    // SAFETY: writing the fields the hook lets us rewrite.
+    unsafe {
+        (*sa).user_ip4 = u32::from_ne_bytes(baddr);
+        (*sa).user_port = u32::from(backend.port.to_be());
+    }
+    count(if hook == Hook::Connect { Stat::SockConnect } else { Stat::SockSendmsg });
+    ALLOW
+}
+
+/// recvmsg4 / getpeername4: a backend address this socket was sent to is
+/// shown as the Service address it asked for.
+#[inline(always)]
+pub fn reverse(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: reading fields of the context we were handed, and a helper.
+    let (ip, port, cookie) = unsafe { ((*sa).user_ip4, (*sa).user_port, bpf_get_socket_cookie(sa.cast())) };
+    let rkey = SockRevKey { cookie, addr: v4_mapped(ip.to_ne_bytes()), port: u16::from_be(port as u16), _pad: [0; 6] };
+    // SAFETY: copied out at once.
+    let Some(r) = (unsafe { SOCK_REV.get(&rkey) }).copied() else { return ALLOW };
+    let Some(vip) = v4_of_mapped(&r.addr) else { return ALLOW };
+    // SAFETY: writing the fields the hook lets us rewrite.
+    unsafe {
+        (*sa).user_ip4 = u32::from_ne_bytes(vip);
+        (*sa).user_port = u32::from(r.port.to_be());
+    }
+    count(Stat::SockRevNat);
+    ALLOW
+}
