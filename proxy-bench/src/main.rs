@@ -4,9 +4,12 @@
 //! node, two backend pods) is built, the mode's translation is loaded in the
 //! node namespace, and a bounded load generator in the client pod measures
 //! connection rate, persistent request/response rate and UDP request rate.
-//! Modes: direct (no translation), ebpf (our datapath, programmed through the
-//! agent's sync code), iptables and nftables (the rule structures kube-proxy
-//! writes, loaded with iptables-restore / nft -f).
+//! Modes: direct (no translation), ebpf (our TC datapath, programmed through
+//! the agent's sync code), ebpf-sock (the same with socket-level load
+//! balancing: the load generator's process sits in a child cgroup the socket
+//! programs are attached to, never the machine's root), iptables and
+//! nftables (the rule structures kube-proxy writes, loaded with
+//! iptables-restore / nft -f).
 mod load;
 mod rules;
 
@@ -48,7 +51,7 @@ struct Opts {
     /// Override the number of interleaved rounds.
     #[arg(long)]
     rounds: Option<usize>,
-    /// Only these modes (comma-separated: direct,ebpf,iptables,nftables).
+    /// Only these modes (comma-separated: direct,ebpf,ebpf-sock,iptables,nftables).
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
     /// Largest Service count loaded into nftables.
@@ -66,6 +69,7 @@ struct Opts {
 enum Mode {
     Direct,
     Ebpf,
+    EbpfSock,
     Iptables,
     Nftables,
 }
@@ -75,6 +79,7 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::Ebpf => "ebpf",
+            Mode::EbpfSock => "ebpf-sock",
             Mode::Iptables => "iptables",
             Mode::Nftables => "nftables",
         }
@@ -124,7 +129,9 @@ struct Sample {
 /// Loaded translation for one measurement; removed on drop.
 enum Loaded {
     None,
-    Ebpf(Box<Agent>, DatapathConfig, Box<Datapath>),
+    /// The agent, its config, a second handle for BPF_PROG_TEST_RUN, and
+    /// (ebpf-sock) the child cgroup this process sits in meanwhile.
+    Ebpf(Box<Agent>, DatapathConfig, Box<Datapath>, Option<proxy_testkit::ChildCgroup>),
     Rules,
 }
 
@@ -132,13 +139,20 @@ fn setup(mode: Mode, n: usize, topo: &Topology, s: &mut Sample) -> anyhow::Resul
     let backends: Vec<Ipv4Addr> = topo.backends.iter().map(|b| b.ip).collect();
     match mode {
         Mode::Direct => Ok(Loaded::None),
-        Mode::Ebpf => {
+        Mode::Ebpf | Mode::EbpfSock => {
             let objs = objects(n, &backends);
+            let cgroup = if mode == Mode::EbpfSock {
+                Some(proxy_testkit::ChildCgroup::enter(&format!("{}-bench", topo.prefix))?)
+            } else {
+                None
+            };
             let cfg = AgentConfig {
                 datapath: DatapathConfig {
                     pin_dir_name: topo.prefix.clone(),
                     // Two ports, each a frontend plus two slots, with headroom.
                     max_services: proxy_common::DEFAULT_MAX_SERVICE_ENTRIES.max((n * 8) as u32),
+                    socket_lb: if mode == Mode::EbpfSock { datapath::SocketLb::All } else { datapath::SocketLb::Off },
+                    cgroup_root: cgroup.as_ref().map(|c| c.path.clone()),
                     ..Default::default()
                 },
                 interfaces: vec!["veth*".into()],
@@ -187,7 +201,7 @@ fn setup(mode: Mode, n: usize, topo: &Topology, s: &mut Sample) -> anyhow::Resul
             dp.test_run(&hit, 1)?;
             s.prog_hit_ns = dp.test_run(&hit, 200_000)?.2.as_nanos() as f64;
             s.prog_miss_ns = dp.test_run(&miss, 200_000)?.2.as_nanos() as f64;
-            Ok(Loaded::Ebpf(Box::new(agent), dcfg, Box::new(dp)))
+            Ok(Loaded::Ebpf(Box::new(agent), dcfg, Box::new(dp), cgroup))
         }
         Mode::Iptables => {
             // The timed change swaps in an absent endpoint; a second change
@@ -234,17 +248,18 @@ fn measure(mode: Mode, n: usize, round: usize, opts: &Opts, secs: f64) -> anyhow
         s.tcp_crr = load::run(ns, load::Kind::TcpCrr, &tcp, opts.concurrency, d)?;
         s.tcp_rr = load::run(ns, load::Kind::TcpRr, &tcp, opts.concurrency, d)?;
         s.udp_rr = load::run(ns, load::Kind::UdpRr, &udp, opts.concurrency, d)?;
-        if let Loaded::Ebpf(_, cfg, _) = &loaded
+        if let Loaded::Ebpf(_, cfg, _, _) = &loaded
             && s.tcp_crr.errors + s.tcp_rr.errors + s.udp_rr.errors > 0
         {
             let stats = datapath::read_stats(&cfg.pin_dir())?;
             let ct = datapath::conntrack_entries(&cfg.pin_dir())?.len();
             eprintln!("  ebpf errors; datapath counters: {:?}; conntrack entries: {ct}", stats.iter().filter(|(_, n)| *n > 0).map(|(s, n)| (s.name(), *n)).collect::<Vec<_>>());
         }
-        if let Loaded::Ebpf(agent, cfg, dp) = loaded {
+        if let Loaded::Ebpf(agent, cfg, dp, cgroup) = loaded {
             drop(dp);
             drop(agent);
             datapath::cleanup(&cfg.pin_dir())?;
+            drop(cgroup);
         }
         Ok(())
     });
@@ -283,9 +298,11 @@ fn main() -> anyhow::Result<()> {
         vec![1, 1_000, 10_000, 50_000]
     };
     let counts = if opts.counts.is_empty() { counts } else { opts.counts.clone() };
-    let rounds = opts.rounds.unwrap_or(if opts.smoke { 1 } else { 2 });
+    // Medians of three interleaved rounds, with their spread: on this shared
+    // machine one figure is noise.
+    let rounds = opts.rounds.unwrap_or(if opts.smoke { 1 } else { 3 });
     let secs = opts.seconds.unwrap_or(if opts.smoke { 1.0 } else if opts.quick { 1.0 } else { 3.0 });
-    let modes: Vec<Mode> = [Mode::Direct, Mode::Ebpf, Mode::Iptables, Mode::Nftables]
+    let modes: Vec<Mode> = [Mode::Direct, Mode::Ebpf, Mode::EbpfSock, Mode::Iptables, Mode::Nftables]
         .into_iter()
         .filter(|m| opts.modes.is_empty() || opts.modes.iter().any(|x| x == m.name()))
         .collect();
@@ -334,6 +351,15 @@ fn med(samples: &[Sample], mode: &str, n: usize, f: impl Fn(&Sample) -> f64) -> 
     median(&mut v)
 }
 
+/// (min, max) of a figure over the rounds.
+fn spread(samples: &[Sample], mode: &str, n: usize, f: impl Fn(&Sample) -> f64) -> (f64, f64) {
+    samples
+        .iter()
+        .filter(|s| s.mode == mode && s.services == n)
+        .map(&f)
+        .fold((f64::NAN, f64::NAN), |(lo, hi), v| (lo.min(v), hi.max(v)))
+}
+
 fn report(opts: &Opts, counts: &[usize], samples: &[Sample], memory: &load::Memory, took: Duration) -> Report {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let date = proxy_testkit::run("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
@@ -357,18 +383,20 @@ fn report(opts: &Opts, counts: &[usize], samples: &[Sample], memory: &load::Memo
         proxy_testkit::run("iptables-restore", &["--version"]).unwrap_or_default().trim(),
     );
     let _ = writeln!(md, "## Data path (rates per second; latency in µs)\n");
-    let _ = writeln!(md, "| Services | mode | TCP conn/s | ×direct | ×iptables | p50 | p99 | TCP req/s (persistent) | ×direct | p99 | UDP req/s | ×direct | p99 |");
-    let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "| Services | mode | TCP conn/s | (min–max) | ×direct | ×iptables | p50 | p99 | TCP req/s (persistent) | ×direct | p99 | UDP req/s | (min–max) | ×direct | p99 |");
+    let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in counts {
         let d_crr = med(samples, "direct", n, |s| s.tcp_crr.rate);
         let i_crr = med(samples, "iptables", n, |s| s.tcp_crr.rate);
         let d_rr = med(samples, "direct", n, |s| s.tcp_rr.rate);
         let d_udp = med(samples, "direct", n, |s| s.udp_rr.rate);
-        for mode in ["direct", "ebpf", "iptables", "nftables"] {
+        for mode in ["direct", "ebpf", "ebpf-sock", "iptables", "nftables"] {
             let crr = med(samples, mode, n, |s| s.tcp_crr.rate);
+            let (lo, hi) = spread(samples, mode, n, |s| s.tcp_crr.rate);
+            let (ulo, uhi) = spread(samples, mode, n, |s| s.udp_rr.rate);
             let _ = writeln!(
                 md,
-                "| {n} | {mode} | {crr:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} |",
+                "| {n} | {mode} | {crr:.0} | {lo:.0}–{hi:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {ulo:.0}–{uhi:.0} | {:.2} | {:.0} |",
                 crr / d_crr,
                 crr / i_crr,
                 med(samples, mode, n, |s| s.tcp_crr.p50_us),
@@ -413,18 +441,21 @@ fn report(opts: &Opts, counts: &[usize], samples: &[Sample], memory: &load::Memo
     let big = if counts.contains(&10_000) { 10_000 } else { *counts.last().unwrap() };
     let last = *counts.last().unwrap();
     let worst_direct = counts.iter().map(|&n| crr("ebpf", n) / crr("direct", n)).fold(f64::INFINITY, f64::min);
+    let worst_sock_direct = counts.iter().map(|&n| crr("ebpf-sock", n) / crr("direct", n)).fold(f64::INFINITY, f64::min);
     let summary = format!(
-        "bench: ebpf/direct={:.2} ebpf/iptables@{k}={:.2} ebpf/nftables@{k}={:.2} ebpf@{l}/ebpf@{f}={:.2} program{k}_ms={:.0}",
+        "bench: ebpf/direct={:.2} ebpf-sock/direct={:.2} ebpf/iptables@{k}={:.2} ebpf/nftables@{k}={:.2} ebpf-sock/nftables@{k}={:.2} ebpf@{l}/ebpf@{f}={:.2} program{k}_ms={:.0}",
         worst_direct,
+        worst_sock_direct,
         crr("ebpf", big) / crr("iptables", big),
         crr("ebpf", big) / crr("nftables", big),
+        crr("ebpf-sock", big) / crr("nftables", big),
         crr("ebpf", last) / crr("ebpf", first),
         med(samples, "ebpf", big, |s| s.program_ms),
         k = short(big),
         l = short(last),
         f = short(first),
     );
-    let _ = writeln!(md, "Summary (ebpf/direct is the worst Service count): `{summary}`\n");
+    let _ = writeln!(md, "Summary (ebpf/direct and ebpf-sock/direct are the worst Service count): `{summary}`\n");
     let _ = writeln!(
         md,
         "nftables: loading kube-proxy's nftables structure with `nft -f` took ~100 s of kernel time at 10,000 Services on this kernel (it grows quadratically with the number of chains), so large nftables sets are measured in one round only and not beyond {} Services (`--nft-max`); `n/a` marks what was not measured.\n",
@@ -456,7 +487,7 @@ fn short(n: usize) -> String {
 /// A small SVG line chart: TCP connection rate against Service count.
 fn plot(counts: &[usize], samples: &[Sample]) -> String {
     let (w, h, pad) = (640.0, 360.0, 50.0);
-    let modes = [("direct", "#555"), ("ebpf", "#1f77b4"), ("iptables", "#d62728"), ("nftables", "#2ca02c")];
+    let modes = [("direct", "#555"), ("ebpf", "#1f77b4"), ("ebpf-sock", "#9467bd"), ("iptables", "#d62728"), ("nftables", "#2ca02c")];
     let max = samples.iter().map(|s| s.tcp_crr.rate).fold(1.0, f64::max) * 1.1;
     let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (counts.len().max(2) - 1) as f64;
     let y = |v: f64| h - pad - (h - 2.0 * pad) * v / max;
