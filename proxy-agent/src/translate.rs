@@ -108,6 +108,10 @@ pub enum SkipReason {
     /// IPv6 is translated but the datapath does not handle it yet.
     Ipv6Unsupported,
     UnknownServiceType(String),
+    /// Another Service owns this (address, port, protocol): the loser of
+    /// the precedence ClusterIP > NodePort > LoadBalancer/externalIP >
+    /// older creationTimestamp.
+    Conflict(String),
 }
 
 impl SkipReason {
@@ -122,6 +126,7 @@ impl SkipReason {
             SkipReason::SctpUnsupported => "sctp_unsupported",
             SkipReason::Ipv6Unsupported => "ipv6_unsupported",
             SkipReason::UnknownServiceType(_) => "unknown_service_type",
+            SkipReason::Conflict(_) => "conflict",
         }
     }
 }
@@ -136,6 +141,7 @@ impl std::fmt::Display for SkipReason {
             SkipReason::SctpUnsupported => write!(f, "SCTP is not supported by the datapath yet"),
             SkipReason::Ipv6Unsupported => write!(f, "IPv6 is not supported by the datapath yet"),
             SkipReason::UnknownServiceType(t) => write!(f, "unknown Service type {t:?}"),
+            SkipReason::Conflict(c) => write!(f, "{c}"),
         }
     }
 }
@@ -183,18 +189,42 @@ struct Ep {
     terminating: bool,
     node: Option<String>,
     zone_hints: Option<BTreeSet<String>>,
+    /// `hints.forNodes` (trafficDistribution: PreferSameNode).
+    node_hints: Option<BTreeSet<String>>,
 }
 
+/// (ready, serving, terminating) as kube-proxy reads them: an unset
+/// `ready` or `serving` means true, an unset `terminating` false.
+/// `publishNotReadyAddresses` makes an endpoint ready; it never makes a
+/// not-serving endpoint serve.
 fn conditions(ep: &Endpoint, publish_not_ready: bool) -> (bool, bool, bool) {
     let c = ep.conditions.as_ref();
     let ready = c.and_then(|c| c.ready).unwrap_or(true);
-    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+    let serving = c.and_then(|c| c.serving).unwrap_or(true);
     let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-    if publish_not_ready {
-        (true, true, terminating)
-    } else {
-        (ready, serving, terminating)
+    (ready || publish_not_ready, serving, terminating)
+}
+
+/// An IPv4 address as kube-proxy parses the API's (netutils.ParseIPSloppy):
+/// leading zeros are allowed and read as decimal (`010.096.0.1` is
+/// 10.96.0.1), as Go's parser did before 1.17.
+#[must_use]
+pub fn parse_ipv4_sloppy(s: &str) -> Option<Ipv4Addr> {
+    let mut o = [0u8; 4];
+    let mut parts = s.split('.');
+    for b in &mut o {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 3 || !p.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        *b = p.parse().ok()?;
     }
+    parts.next().is_none().then_some(Ipv4Addr::from(o))
+}
+
+/// Any address as the API may write it: IPv6, or sloppy IPv4.
+fn parse_any_ip(s: &str) -> Option<IpAddr> {
+    s.parse::<IpAddr>().ok().or_else(|| parse_ipv4_sloppy(s).map(IpAddr::V4))
 }
 
 /// Endpoints of `sp` from every slice, deduplicated by address (the first
@@ -208,7 +238,7 @@ fn endpoints_for_port(
     let want_name = sp.name.as_deref().unwrap_or("");
     let want_proto = sp.protocol.as_deref().unwrap_or("TCP");
     let mut by_addr: BTreeMap<BackendAddr, Ep> = BTreeMap::new();
-    let mut seen_ip: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut seen_ip: BTreeMap<IpAddr, Ep> = BTreeMap::new();
     let mut ordered: Vec<&&EndpointSlice> = slices.iter().collect();
     ordered.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     for slice in ordered {
@@ -242,27 +272,33 @@ fn endpoints_for_port(
         for ep in &slice.endpoints {
             // An endpoint lists one address per family; kube-proxy uses the first.
             let Some(a) = ep.addresses.first() else { continue };
-            let ip: Ipv4Addr = match a.parse() {
-                Ok(ip) => ip,
-                Err(_) => {
-                    skipped.insert(SkipReason::InvalidIp(a.clone()));
+            let Some(ip) = parse_ipv4_sloppy(a) else {
+                skipped.insert(SkipReason::InvalidIp(a.clone()));
+                continue;
+            };
+            let (ready, serving, terminating) = conditions(ep, publish_not_ready);
+            // The same address in two slices (an endpoint moving between
+            // slices): a non-terminating copy wins, as in kube-proxy.
+            if let Some(prev) = seen_ip.get(&IpAddr::V4(ip)) {
+                if terminating || !prev.terminating {
                     continue;
                 }
-            };
-            if !seen_ip.insert(IpAddr::V4(ip)) {
-                continue;
+                by_addr.remove(&prev.addr);
             }
-            let (ready, serving, terminating) = conditions(ep, publish_not_ready);
             let addr = BackendAddr { ip: IpAddr::V4(ip), port: port_num };
             let zone_hints = ep
                 .hints
                 .as_ref()
                 .and_then(|h| h.for_zones.as_ref())
                 .map(|z| z.iter().map(|z| z.name.clone()).collect());
-            by_addr.insert(
-                addr,
-                Ep { addr, ready, serving, terminating, node: ep.node_name.clone(), zone_hints },
-            );
+            let node_hints = ep
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|n| n.iter().map(|n| n.name.clone()).collect());
+            let e = Ep { addr, ready, serving, terminating, node: ep.node_name.clone(), zone_hints, node_hints };
+            seen_ip.insert(IpAddr::V4(ip), e.clone());
+            by_addr.insert(addr, e);
         }
     }
     by_addr.into_values().collect()
@@ -277,9 +313,18 @@ fn usable(eps: &[Ep]) -> Vec<&Ep> {
     eps.iter().filter(|e| e.serving && e.terminating).collect()
 }
 
-/// Topology: when every usable endpoint carries zone hints and some are for
-/// this node's zone, keep those; otherwise all (kube-proxy's fallback).
+/// Topology: when every usable endpoint carries node hints and some are for
+/// this node, keep those; else when every one carries zone hints and some
+/// are for this node's zone, keep those; otherwise all (kube-proxy's
+/// fallback).
 fn topology_filter<'a>(eps: Vec<&'a Ep>, node: &NodeInfo) -> Vec<&'a Ep> {
+    if !eps.is_empty() && eps.iter().all(|e| e.node_hints.is_some()) {
+        let mine: Vec<&Ep> =
+            eps.iter().copied().filter(|e| e.node_hints.as_ref().is_some_and(|n| n.contains(&node.name))).collect();
+        if !mine.is_empty() {
+            return mine;
+        }
+    }
     let Some(zone) = node.zone.as_deref() else { return eps };
     if eps.is_empty() || eps.iter().any(|e| e.zone_hints.is_none()) {
         return eps;
@@ -301,13 +346,13 @@ fn addrs(eps: &[&Ep]) -> Vec<BackendAddr> {
 }
 
 fn parse_ip(s: &str, skipped: &mut BTreeSet<SkipReason>) -> Option<IpAddr> {
-    match s.parse::<IpAddr>() {
-        Ok(ip @ IpAddr::V4(_)) => Some(ip),
-        Ok(IpAddr::V6(_)) => {
+    match parse_any_ip(s) {
+        Some(ip @ IpAddr::V4(_)) => Some(ip),
+        Some(IpAddr::V6(_)) => {
             skipped.insert(SkipReason::Ipv6Unsupported);
             None
         }
-        Err(_) => {
+        None => {
             skipped.insert(SkipReason::InvalidIp(s.to_owned()));
             None
         }
@@ -345,6 +390,12 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeIn
     }
     let mut svc_skips: BTreeSet<SkipReason> = BTreeSet::new();
     let cluster_ips: Vec<IpAddr> = cluster_ips.iter().filter_map(|s| parse_ip(s, &mut svc_skips)).collect();
+    if cluster_ips.is_empty() {
+        // No usable ClusterIP: kube-proxy programs nothing for the Service,
+        // not its NodePorts or external addresses either.
+        out.skipped.extend(svc_skips.into_iter().map(|reason| Skip { owner: name.clone(), reason }));
+        return out;
+    }
     let external_ips: Vec<IpAddr> =
         spec.external_ips.iter().flatten().filter_map(|s| parse_ip(s, &mut svc_skips)).collect();
     let lb_ips: Vec<IpAddr> = if svc_type == "LoadBalancer" {
@@ -493,9 +544,38 @@ fn fingerprint(svc: &Service, slices: &[&EndpointSlice]) -> Option<String> {
     Some(f)
 }
 
+/// Who keeps an (address, port, protocol) two Services claim: a ClusterIP
+/// before a NodePort before a LoadBalancer IP or externalIP (so a Service's
+/// externalIPs can never take over another's ClusterIP, such as the
+/// `kubernetes` Service's), then the older Service, then namespace/name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Precedence {
+    kind: u8,
+    created: Option<k8s_openapi::jiff::Timestamp>,
+    owner: String,
+}
+
+fn kind_rank(k: FrontendKind) -> u8 {
+    match k {
+        FrontendKind::ClusterIp => 0,
+        FrontendKind::NodePort => 1,
+        FrontendKind::LoadBalancer | FrontendKind::ExternalIp => 2,
+    }
+}
+
+fn conflict(lost: &Frontend, winner: &str) -> Skip {
+    Skip {
+        owner: lost.owner.clone(),
+        reason: SkipReason::Conflict(format!(
+            "{:?} {}:{}/{:?} is already {winner}'s",
+            lost.kind, lost.addr.ip, lost.addr.port, lost.addr.proto
+        )),
+    }
+}
+
 /// Translates every Service. Two Services claiming the same frontend address
-/// (an API-level conflict) are resolved deterministically: the first by
-/// namespace/name keeps it, the other is reported.
+/// (an API-level conflict) are resolved by [`Precedence`]; the loser is
+/// reported as a conflict.
 #[must_use]
 pub fn translate_all(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> Desired {
     translate_all_cached(services, slices, node, &mut TranslationCache::default())
@@ -526,6 +606,7 @@ pub fn translate_all_cached(
             .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()))
     });
     let mut desired = Desired::default();
+    let mut claims: BTreeMap<FrontendAddr, (Precedence, Frontend)> = BTreeMap::new();
     let mut live: std::collections::HashSet<(String, String)> = std::collections::HashSet::with_capacity(services.len());
     for svc in sorted {
         let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
@@ -545,21 +626,26 @@ pub fn translate_all_cached(
             }
         };
         live.insert(key);
+        let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
         for fe in t.frontends {
-            if let Some(existing) = desired.frontends.get(&fe.addr) {
-                desired.skipped.push(Skip {
-                    owner: fe.owner.clone(),
-                    reason: SkipReason::InvalidIp(format!(
-                        "{}:{} already used by {}",
-                        fe.addr.ip, fe.addr.port, existing.owner
-                    )),
-                });
-                continue;
+            let rank = Precedence { kind: kind_rank(fe.kind), created, owner: svc_name(svc) };
+            match claims.get(&fe.addr) {
+                Some((held, _)) if *held <= rank => {
+                    let winner = &claims[&fe.addr].1.owner;
+                    desired.skipped.push(conflict(&fe, winner));
+                }
+                _ => {
+                    if let Some((_, lost)) = claims.insert(fe.addr, (rank, fe.clone())) {
+                        desired.skipped.push(conflict(&lost, &fe.owner));
+                    }
+                }
             }
-            *desired.vips.entry(fe.addr.ip).or_default() |= vip_flags(&fe, node);
-            desired.frontends.insert(fe.addr, fe);
         }
         desired.skipped.extend(t.skipped);
+    }
+    for (addr, (_, fe)) in claims {
+        *desired.vips.entry(addr.ip).or_default() |= vip_flags(&fe, node);
+        desired.frontends.insert(addr, fe);
     }
     cache.entries.retain(|k, _| live.contains(k));
     desired

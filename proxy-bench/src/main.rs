@@ -392,11 +392,12 @@ fn report(opts: &Opts, counts: &[usize], samples: &[Sample], memory: &load::Memo
         let d_udp = med(samples, "direct", n, |s| s.udp_rr.rate);
         for mode in ["direct", "ebpf", "ebpf-sock", "iptables", "nftables"] {
             let crr = med(samples, mode, n, |s| s.tcp_crr.rate);
-            let (lo, hi) = spread(samples, mode, n, |s| s.tcp_crr.rate);
-            let (ulo, uhi) = spread(samples, mode, n, |s| s.udp_rr.rate);
+            let range = |(lo, hi): (f64, f64)| if lo.is_finite() { format!("{lo:.0}–{hi:.0}") } else { "n/a".into() };
+            let tcp_range = range(spread(samples, mode, n, |s| s.tcp_crr.rate));
+            let udp_range = range(spread(samples, mode, n, |s| s.udp_rr.rate));
             let _ = writeln!(
                 md,
-                "| {n} | {mode} | {crr:.0} | {lo:.0}–{hi:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {ulo:.0}–{uhi:.0} | {:.2} | {:.0} |",
+                "| {n} | {mode} | {crr:.0} | {tcp_range} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {udp_range} | {:.2} | {:.0} |",
                 crr / d_crr,
                 crr / i_crr,
                 med(samples, mode, n, |s| s.tcp_crr.p50_us),
