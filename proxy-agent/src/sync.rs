@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use proxy_common::{
     Backend, META_NEXT_BACKEND_ID, META_NEXT_SVC_ID, MaglevTable, MemberKey, SCOPE_EXTERNAL, SVC_F_AFFINITY,
-    SVC_F_MAGLEV, ServiceKey, ServiceValue, VipValue, v4_mapped,
+    SVC_F_DROP_EMPTY, SVC_F_MAGLEV, ServiceKey, ServiceValue, VipValue, v4_mapped,
 };
 
 use crate::translate::{BackendAddr, Desired, Frontend, FrontendAddr};
@@ -151,7 +151,8 @@ impl<M: MapOps> SyncEngine<M> {
         let mut max_svc_id = 0;
         for (k, v) in maps.services()? {
             if k.slot == 0 {
-                max_svc_id = max_svc_id.max(v.svc_id);
+                // Slot 0's backend_id is its affinity group, from the same ids.
+                max_svc_id = max_svc_id.max(v.svc_id).max(v.backend_id);
                 frontends.entry(k).or_default().value = v;
             } else {
                 slot_entries.push((k, v));
@@ -251,9 +252,34 @@ impl<M: MapOps> SyncEngine<M> {
                 Err(e) => report.failed.push((format!("service address {addr:?}"), e.to_string())),
             }
         }
+        // ClientIP affinity is per Service port: one group id shared by the
+        // port's frontends, kept from what is programmed when possible.
+        let mut groups: HashMap<&str, u32> = HashMap::new();
+        for (key, fe) in &wanted {
+            if fe.affinity_timeout_s.is_some()
+                && let Some(p) = self.frontends.get(key)
+                && p.value.backend_id != 0
+            {
+                groups.entry(fe.owner.as_str()).or_insert(p.value.backend_id);
+            }
+        }
         // Frontends: add or update.
         for (key, fe) in &wanted {
-            if let Err(e) = self.sync_frontend(*key, fe, &mut report) {
+            let group = if fe.affinity_timeout_s.is_some() {
+                match groups.get(fe.owner.as_str()) {
+                    Some(g) => *g,
+                    None => match self.svc_alloc.take(&mut self.maps) {
+                        Ok(g) => *groups.entry(fe.owner.as_str()).or_insert(g),
+                        Err(e) => {
+                            report.failed.push((fe.owner.clone(), e.to_string()));
+                            continue;
+                        }
+                    },
+                }
+            } else {
+                0
+            };
+            if let Err(e) = self.sync_frontend(*key, fe, group, &mut report) {
                 report.failed.push((fe.owner.clone(), e.to_string()));
             }
         }
@@ -310,7 +336,7 @@ impl<M: MapOps> SyncEngine<M> {
         Ok(id)
     }
 
-    fn sync_frontend(&mut self, key: ServiceKey, fe: &Frontend, report: &mut SyncReport) -> Result<(), MapError> {
+    fn sync_frontend(&mut self, key: ServiceKey, fe: &Frontend, affinity_group: u32, report: &mut SyncReport) -> Result<(), MapError> {
         if fe.backends.len() > MAX_BACKENDS_PER_FRONTEND {
             return Err(MapError::Full { map: proxy_common::MAP_SERVICES });
         }
@@ -325,9 +351,10 @@ impl<M: MapOps> SyncEngine<M> {
         };
         let want_maglev = self.maglev && !ids.is_empty();
         let mut value = ServiceValue {
-            backend_id: 0,
+            backend_id: affinity_group,
             count: ids.len() as u16,
-            flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 },
+            flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 }
+                | if fe.drop_when_empty { SVC_F_DROP_EMPTY } else { 0 },
             svc_id,
             affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
         };

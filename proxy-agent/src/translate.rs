@@ -84,6 +84,10 @@ pub struct Frontend {
     pub backends: Vec<BackendAddr>,
     /// ClientIP affinity timeout, if enabled.
     pub affinity_timeout_s: Option<u32>,
+    /// No backend here because of a Local traffic policy while the Service
+    /// has usable endpoints elsewhere: drop new flows (kube-proxy's DROP)
+    /// rather than refuse them.
+    pub drop_when_empty: bool,
 }
 
 /// What this node contributes to translation.
@@ -458,12 +462,17 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeIn
         };
         let cluster_backends = addrs(&cluster_set);
         let external_backends = addrs(&external_set);
-        let mk = |ip: IpAddr, port: u16, kind: FrontendKind, backends: &Vec<BackendAddr>| Frontend {
-            addr: FrontendAddr { ip, port, proto },
-            kind,
-            owner: port_owner.clone(),
-            backends: backends.clone(),
-            affinity_timeout_s,
+        let any_usable = !usable_eps.is_empty();
+        let mk = |ip: IpAddr, port: u16, kind: FrontendKind, backends: &Vec<BackendAddr>| {
+            let local = if kind == FrontendKind::ClusterIp { internal_local } else { external_local };
+            Frontend {
+                addr: FrontendAddr { ip, port, proto },
+                kind,
+                owner: port_owner.clone(),
+                backends: backends.clone(),
+                affinity_timeout_s,
+                drop_when_empty: local && backends.is_empty() && any_usable,
+            }
         };
         for ip in &cluster_ips {
             out.frontends.push(mk(*ip, port, FrontendKind::ClusterIp, &cluster_backends));

@@ -283,3 +283,41 @@ fn a_pod_reaches_itself_through_its_service() {
     assert_eq!(from, SocketAddr::from(sa(Ipv4Addr::new(10, 96, 0, 70), 53)));
     drop(server);
 }
+
+#[test]
+fn client_ip_affinity_is_shared_by_a_service_ports_frontends() {
+    // kube-proxy keeps affinity per Service port: the ClusterIP and the
+    // NodePort of one port send a client to the same backend.
+    let node_ip = Ipv4Addr::new(10, 200, 0, 1);
+    let mut env = Env::with_node_ips("m", 1, 3, vec![node_ip.into()]);
+    let ports = [(80, "TCP")];
+    let svc = service("sticky", "10.96.0.33", &ports, "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n")
+        .replace("type: ClusterIP", "type: NodePort")
+        .replace("targetPort: 8080\n", "targetPort: 8080\n    nodePort: 30033\n");
+    env.apply(&(svc + &slice("sticky", "sticky-1", &ports, &[env.backend_ip(0), env.backend_ip(1), env.backend_ip(2)])));
+    let first = tcp_request(env.client(0), sa(Ipv4Addr::new(10, 96, 0, 33), 80), T).unwrap().0;
+    for _ in 0..10 {
+        assert_eq!(tcp_request(env.client(0), sa(node_ip, 30033), T).unwrap().0, first, "the NodePort shares the affinity");
+        assert_eq!(tcp_request(env.client(0), sa(Ipv4Addr::new(10, 96, 0, 33), 80), T).unwrap().0, first);
+    }
+}
+
+#[test]
+fn a_local_policy_without_local_endpoints_drops_instead_of_refusing() {
+    let node_ip = Ipv4Addr::new(10, 200, 0, 1);
+    let mut env = Env::with_node_ips("n", 1, 1, vec![node_ip.into()]);
+    let ports = [(80, "TCP")];
+    let svc = service("local", "10.96.0.34", &ports, "  externalTrafficPolicy: Local\n")
+        .replace("type: ClusterIP", "type: NodePort")
+        .replace("targetPort: 8080\n", "targetPort: 8080\n    nodePort: 30034\n");
+    // The only endpoint runs on another node.
+    let eps = slice("local", "local-1", &ports, &[env.backend_ip(0)]).replace("nodeName: node-a", "nodeName: node-b");
+    env.apply(&(svc + &eps));
+    let err = tcp_connect(env.client(0), sa(node_ip, 30034), Duration::from_millis(500)).expect_err("no local endpoint");
+    let kind = err.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
+    assert_ne!(kind, Some(std::io::ErrorKind::ConnectionRefused), "dropped, not refused: {err:#}");
+    let drops = proxy_agent::datapath::read_stats(&env.pin_dir()).unwrap().iter().find(|(s, _)| *s == proxy_common::Stat::DropNoLocal).unwrap().1;
+    assert!(drops >= 1, "counted as drop_no_local");
+    // The ClusterIP follows the (Cluster) internal policy and still works.
+    assert_eq!(tcp_request(env.client(0), sa(Ipv4Addr::new(10, 96, 0, 34), 80), T).unwrap().0, "b0");
+}

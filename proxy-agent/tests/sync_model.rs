@@ -65,6 +65,7 @@ fn build(state: &[Option<(u8, bool)>]) -> Desired {
                     owner: format!("ns/svc{i}"),
                     backends,
                     affinity_timeout_s: aff.then_some(30),
+                    drop_when_empty: false,
                 },
             );
         }

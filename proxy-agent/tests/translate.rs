@@ -25,7 +25,10 @@ fn render(d: &Desired) -> (Vec<String>, Vec<String>) {
         .values()
         .map(|f| {
             let b: Vec<String> = f.backends.iter().map(|b| format!("{}:{}", b.ip, b.port)).collect();
-            let aff = f.affinity_timeout_s.map(|t| format!(" affinity={t}")).unwrap_or_default();
+            let mut aff = f.affinity_timeout_s.map(|t| format!(" affinity={t}")).unwrap_or_default();
+            if f.drop_when_empty {
+                aff.push_str(" drop");
+            }
             format!("{}:{}/{:?} {:?} -> [{}]{aff}", f.addr.ip, f.addr.port, f.addr.proto, f.kind, b.join(", "))
                 .replace("/Tcp", "/TCP")
                 .replace("/Udp", "/UDP")

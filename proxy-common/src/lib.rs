@@ -121,7 +121,7 @@ pub const SCOPE_INTERNAL: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceValue {
-    pub backend_id: u32,         // slot > 0: backend id; slot 0: unused (0)
+    pub backend_id: u32,         // slot > 0: backend id; slot 0: affinity group (the Service port's, shared by its frontends)
     pub count: u16,              // slot 0: number of backend slots; 0 = reject
     pub flags: u16,              // slot 0: SVC_F_*
     pub svc_id: u32,             // slot 0: id of this frontend (affinity, members, Maglev)
@@ -133,6 +133,19 @@ pub const SVC_F_AFFINITY: u16 = 1 << 0;
 /// A Maglev table for this frontend is programmed: new flows pick their
 /// backend by a consistent hash of the flow instead of at random.
 pub const SVC_F_MAGLEV: u16 = 1 << 2;
+/// No backend here but some elsewhere (a Local traffic policy on a node
+/// without local endpoints): new flows are dropped, as kube-proxy does,
+/// instead of refused.
+pub const SVC_F_DROP_EMPTY: u16 = 1 << 3;
+
+/// The affinity key's id for a frontend: its Service port's group, shared by
+/// the port's ClusterIP, NodePort and external frontends (kube-proxy keeps
+/// ClientIP affinity per Service port).
+#[inline(always)]
+#[must_use]
+pub const fn affinity_group(svc: &ServiceValue) -> u32 {
+    if svc.backend_id != 0 { svc.backend_id } else { svc.svc_id }
+}
 
 /// Value of the backends map (key: backend id, `u32`).
 #[repr(C)]
@@ -388,11 +401,13 @@ pub enum Stat {
     SockRefused = 25,
     /// Socket LB in host-only mode: a pod's socket left to the TC path.
     SockSkipNetns = 26,
+    /// Dropped: a Local traffic policy and no endpoint on this node (kube-proxy drops too).
+    DropNoLocal = 27,
     /// Socket LB: a pod's connected UDP socket left to the TC path (it then follows backend changes per packet).
-    SockUdpToTc = 27,
+    SockUdpToTc = 28,
 }
 
-pub const STAT_COUNT: u32 = 28;
+pub const STAT_COUNT: u32 = 29;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -423,6 +438,7 @@ impl Stat {
         Stat::SockRevNat,
         Stat::SockRefused,
         Stat::SockSkipNetns,
+        Stat::DropNoLocal,
         Stat::SockUdpToTc,
     ];
 
@@ -457,6 +473,7 @@ impl Stat {
             Stat::SockRevNat => "sock_rev_nat",
             Stat::SockRefused => "sock_refused",
             Stat::SockSkipNetns => "sock_skip_netns",
+            Stat::DropNoLocal => "drop_no_local",
             Stat::SockUdpToTc => "sock_udp_to_tc",
         }
     }
@@ -492,6 +509,7 @@ impl Stat {
             Stat::SockRevNat => "socket LB: a reply's source or getpeername() shown as the Service again",
             Stat::SockRefused => "socket LB: connect()/sendmsg() to a Service without endpoints or to a ClusterIP port it does not serve refused (ECONNREFUSED)",
             Stat::SockSkipNetns => "socket LB in host-only mode: a pod's socket left to the TC path",
+            Stat::DropNoLocal => "dropped: a Local traffic policy and no endpoint on this node (kube-proxy drops too)",
             Stat::SockUdpToTc => "socket LB: a pod's connected UDP socket left to the TC path (it then follows backend changes per packet)",
         }
     }

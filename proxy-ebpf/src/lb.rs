@@ -6,7 +6,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, CT_F_HAIRPIN, MAGLEV_M, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_MAGLEV,
+    AffinityKey, AffinityValue, CT_F_HAIRPIN, MAGLEV_M, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_MAGLEV,
+    affinity_group,
     ServiceKey, ServiceValue, Stat, VipValue, v4_mapped, v4_of_mapped,
 };
 
@@ -63,6 +64,10 @@ pub fn forward<const L3: usize>(
     }
     let (key, value) = svc;
     if value.count == 0 {
+        if value.flags & SVC_F_DROP_EMPTY != 0 {
+            count(Stat::DropNoLocal);
+            return Ok(TC_ACT_SHOT);
+        }
         count(Stat::RejectNoBackend);
         return Ok(reject::port_unreachable::<L3>(ctx, pkt));
     }
@@ -134,7 +139,7 @@ fn flow_hash(pkt: &Packet) -> u32 {
 #[inline(always)]
 fn select_backend(key: &ServiceKey, svc: &ServiceValue, pkt: &Packet, now: u64) -> Option<u32> {
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
-    let akey = AffinityKey { client: v4_mapped(pkt.saddr), svc_id: svc.svc_id };
+    let akey = AffinityKey { client: v4_mapped(pkt.saddr), svc_id: affinity_group(svc) };
     if affinity {
         // SAFETY: copied out at once.
         if let Some(a) = unsafe { AFFINITY.get(&akey) }.copied() {

@@ -17,7 +17,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_M, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_MAGLEV,
+    AffinityKey, AffinityValue, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_M, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_DROP_EMPTY,
+    SVC_F_MAGLEV, affinity_group,
     ServiceKey, ServiceValue, SockRevKey, SockRevValue, Stat, VIP_F_CLUSTER_IP, VIP_F_NODE, v4_mapped, v4_of_mapped,
 };
 
@@ -74,7 +75,7 @@ fn select(ctx: &SockAddrContext, key: &ServiceKey, svc: &ServiceValue, cookie: u
     // SAFETY: helper on our own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     client[..8].copy_from_slice(&netns.to_ne_bytes());
-    let akey = AffinityKey { client, svc_id: svc.svc_id };
+    let akey = AffinityKey { client, svc_id: affinity_group(svc) };
     if affinity {
         // SAFETY: copied out at once.
         if let Some(a) = unsafe { AFFINITY.get(&akey) }.copied() {
@@ -148,6 +149,11 @@ pub fn translate(ctx: &SockAddrContext, hook: Hook) -> i32 {
         }
         return ALLOW;
     };
+    if svc.count == 0 && svc.flags & SVC_F_DROP_EMPTY != 0 {
+        // Dropped, not refused, by kube-proxy: leave the packets to TC,
+        // which drops them (a host process's have no route anyway).
+        return ALLOW;
+    }
     if svc.count == 0 {
         count(Stat::SockRefused);
         // SAFETY: helper without memory arguments.
