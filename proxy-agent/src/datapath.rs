@@ -233,7 +233,9 @@ impl Datapath {
         fs::create_dir_all(pin_dir.join("links"))
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
         raise_memlock();
-        let mut migrations = Vec::new();
+        // Every resize is checked before any pin is touched: a refusal
+        // leaves all maps as they were.
+        let mut planned = Vec::new();
         for (name, want) in cfg.sizes() {
             let path = pin_dir.join(name);
             if !path.exists() {
@@ -254,6 +256,10 @@ impl Datapath {
                 );
             }
             tracing::info!(map = name, from = info.max_entries(), to = want, entries, "resizing pinned map");
+            planned.push((name, path, old));
+        }
+        let mut migrations = Vec::new();
+        for (name, path, old) in planned {
             fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
             migrations.push(Migration { name, old });
         }
@@ -266,7 +272,13 @@ impl Datapath {
             loader.map_max_entries(name, size);
         }
         let host_only = u32::from(cfg.socket_lb == SocketLb::HostOnly);
-        let netns_cookie = netns_cookie().context("reading this network namespace's cookie (SO_NETNS_COOKIE, Linux >= 5.14)")?;
+        // Socket LB needs Linux >= 5.18 (bpf_set_retval) and SO_NETNS_COOKIE;
+        // with --socket-lb=off neither is touched, so older kernels run the TC path.
+        let netns_cookie = if cfg.socket_lb == SocketLb::Off {
+            0
+        } else {
+            netns_cookie().context("reading this network namespace's cookie (SO_NETNS_COOKIE, Linux >= 5.14); use --socket-lb=off on older kernels")?
+        };
         loader.override_global(proxy_common::GLOBAL_SOCK_HOST_ONLY, &host_only, true);
         loader.override_global(proxy_common::GLOBAL_HOST_NETNS_COOKIE, &netns_cookie, true);
         let loaded = loader.load(EBPF_OBJECT);
@@ -296,11 +308,16 @@ impl Datapath {
             prog.load().with_context(|| format!("the verifier rejected the TC program {name}"))?;
         }
         for name in proxy_common::SOCK_PROGRAMS {
+            if cfg.socket_lb == SocketLb::Off {
+                break;
+            }
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
                 .try_into()?;
-            prog.load().with_context(|| format!("the verifier rejected the socket program {name}"))?;
+            prog.load().with_context(|| {
+                format!("the verifier rejected the socket program {name} (socket LB needs Linux >= 5.18; --socket-lb=off runs without it)")
+            })?;
         }
         for old in RETIRED_MAPS {
             // Programs still running use them by fd; the pins only go.
@@ -433,21 +450,22 @@ impl Datapath {
     }
 
     /// Attaches (or, with `--socket-lb=off`, detaches) the socket programs
-    /// at the configured cgroup. Links are pinned as `links/sock_<program>`;
+    /// at the configured cgroup. Links are pinned as
+    /// `links/sock_<cgroup id>_<program>`;
     /// a restarted agent swaps the program behind each pinned link
     /// atomically (`BPF_LINK_UPDATE`), so no connect() meets a gap. Returns
     /// the cgroup attached to.
     pub fn attach_sockets(&mut self) -> anyhow::Result<Option<PathBuf>> {
         let links = self.cfg.pin_dir().join("links");
         if self.cfg.socket_lb == SocketLb::Off {
-            for name in proxy_common::SOCK_PROGRAMS {
-                let pin = links.join(format!("sock_{name}"));
-                if pin.exists() {
-                    if let Ok(p) = PinnedLink::from_pin(&pin) {
+            for e in fs::read_dir(&links).into_iter().flatten().flatten() {
+                let pin = e.file_name().to_string_lossy().into_owned();
+                if pin.starts_with("sock_") {
+                    if let Ok(p) = PinnedLink::from_pin(e.path()) {
                         let _ = p.unpin();
                     }
-                    let _ = fs::remove_file(&pin);
-                    tracing::info!(program = name, "socket program detached (--socket-lb=off)");
+                    let _ = fs::remove_file(e.path());
+                    tracing::info!(pin, "socket program detached (--socket-lb=off)");
                 }
             }
             return Ok(None);
@@ -458,8 +476,26 @@ impl Datapath {
         };
         let cgroup = fs::File::open(&root)
             .with_context(|| format!("opening cgroup {} (set --cgroup-root to a cgroup v2 directory)", root.display()))?;
+        // The pins carry the cgroup's id (its inode): links on another
+        // cgroup (an earlier --cgroup-root) are detached, not reused.
+        let cgroup_id = {
+            use std::os::unix::fs::MetadataExt as _;
+            cgroup.metadata()?.ino()
+        };
+        if let Ok(entries) = fs::read_dir(&links) {
+            for e in entries.flatten() {
+                let pin = e.file_name().to_string_lossy().into_owned();
+                if pin.starts_with("sock_") && !pin.starts_with(&format!("sock_{cgroup_id}_")) {
+                    if let Ok(p) = PinnedLink::from_pin(e.path()) {
+                        let _ = p.unpin();
+                    }
+                    let _ = fs::remove_file(e.path());
+                    tracing::info!(pin, "detached a socket program from a previous cgroup");
+                }
+            }
+        }
         for name in proxy_common::SOCK_PROGRAMS {
-            let pin = links.join(format!("sock_{name}"));
+            let pin = links.join(format!("sock_{cgroup_id}_{name}"));
             let prog: &mut CgroupSockAddr =
                 self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
             if pin.exists() {
@@ -841,9 +877,21 @@ impl Conntrack {
                     }
                 }
             }
+            // The datapath may have rebuilt a flow on the same tuple while
+            // we walked: delete only what is still exactly as seen.
+            let snapshot: std::collections::HashMap<CtKey, CtValue> = all.iter().copied().collect();
             let mut gone = 0;
             for k in doomed {
-                if map.remove(&k).is_ok() {
+                let unchanged = match (map.get(&k, 0), snapshot.get(&k)) {
+                    (Ok(now_v), Some(seen)) => now_v == *seen,
+                    _ => false,
+                };
+                let orphan_still = snapshot.get(&k).is_none_or(|v| {
+                    v.flags & proxy_common::CT_F_REPLY == 0
+                        || forward.contains(&proxy_common::ct_forward_key_of_reply(&k, v))
+                        || map.get(&proxy_common::ct_forward_key_of_reply(&k, v), 0).is_err()
+                });
+                if unchanged && orphan_still && map.remove(&k).is_ok() {
                     gone += 1;
                 }
             }

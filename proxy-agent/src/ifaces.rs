@@ -83,48 +83,55 @@ fn send_dump_request(sock: &Socket) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Netlink messages in one datagram.
-fn messages(buf: &[u8]) -> Vec<NetlinkMessage<RouteNetlinkMessage>> {
+/// What one datagram holds: the messages that parsed, and whether it ended
+/// a dump (`NLMSG_DONE`, recognised from the raw header even when a message
+/// of a kind we cannot parse came before it).
+fn messages(buf: &[u8]) -> (Vec<NetlinkMessage<RouteNetlinkMessage>>, bool) {
+    const NLMSG_DONE: u16 = 3;
     let mut out = Vec::new();
+    let mut done = false;
     let mut off = 0;
-    while off < buf.len() {
-        let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..]) else { break };
-        let len = msg.header.length as usize;
-        out.push(msg);
-        if len == 0 {
+    while off + 16 <= buf.len() {
+        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
+        let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+        if len < 16 || off + len > buf.len() {
             break;
+        }
+        done |= kind == NLMSG_DONE;
+        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..off + len]) {
+            Ok(msg) => out.push(msg),
+            Err(e) => tracing::debug!(error = %e, kind, "skipping a netlink message we cannot parse"),
         }
         off += (len + 3) & !3;
     }
-    out
+    (out, done)
 }
 
 /// Every link in the calling thread's network namespace.
 pub fn dump() -> anyhow::Result<Vec<Link>> {
     let mut sock = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
     sock.bind_auto().context("binding the netlink socket")?;
+    set_recv_timeout(&sock, 5);
     send_dump_request(&sock)?;
     let mut links = Vec::new();
     loop {
-        let (buf, _) = sock.recv_from_full().context("reading the link dump")?;
-        for msg in messages(&buf) {
+        let (buf, _) = sock.recv_from_full().context("reading the link dump (no answer within 5 s?)")?;
+        let (msgs, done) = messages(&buf);
+        for msg in msgs {
             match msg.payload {
-                NetlinkPayload::Done(_) => return Ok(links),
                 NetlinkPayload::Error(e) => bail!("link dump failed: {e:?}"),
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => links.extend(link_of(&l)),
                 _ => {}
             }
         }
+        if done {
+            return Ok(links);
+        }
     }
 }
 
-/// Opens an event socket subscribed to link events.
-fn event_socket() -> anyhow::Result<Socket> {
-    let mut sock = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
-    sock.bind(&SocketAddr::new(0, RTMGRP_LINK)).context("subscribing to link events")?;
-    let _ = sock.set_rx_buf_sz(4 << 20);
-    // Wake up once a second, so the thread notices when the agent is done.
-    let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+fn set_recv_timeout(sock: &Socket, secs: i64) {
+    let tv = libc::timeval { tv_sec: secs, tv_usec: 0 };
     // SAFETY: setsockopt with a valid timeval on our own socket.
     unsafe {
         use std::os::fd::AsRawFd as _;
@@ -136,6 +143,15 @@ fn event_socket() -> anyhow::Result<Socket> {
             std::mem::size_of::<libc::timeval>() as libc::socklen_t,
         );
     }
+}
+
+/// Opens an event socket subscribed to link events.
+fn event_socket() -> anyhow::Result<Socket> {
+    let mut sock = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
+    sock.bind(&SocketAddr::new(0, RTMGRP_LINK)).context("subscribing to link events")?;
+    let _ = sock.set_rx_buf_sz(4 << 20);
+    // Wake up once a second, so the thread notices when the agent is done.
+    set_recv_timeout(&sock, 1);
     Ok(sock)
 }
 
@@ -158,7 +174,7 @@ pub fn watch(tx: UnboundedSender<LinkEvent>) -> anyhow::Result<thread::JoinHandl
         loop {
             match sock.recv_from_full() {
                 Ok((buf, _)) => {
-                    for msg in messages(&buf) {
+                    for msg in messages(&buf).0 {
                         let ev = match msg.payload {
                             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => link_of(&l).map(LinkEvent::New),
                             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {

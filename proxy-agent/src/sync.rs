@@ -110,6 +110,10 @@ impl IdAlloc {
 
 pub struct SyncEngine<M: MapOps> {
     maps: M,
+    /// Maglev tables computed during the current sync, by backend set: the
+    /// frontends of one Service port (ClusterIP, NodePorts, external IPs)
+    /// share their set, and so their table.
+    tables: HashMap<Vec<u32>, Box<MaglevTable>>,
     frontends: BTreeMap<ServiceKey, Programmed>,
     backend_ids: HashMap<Backend, u32>,
     backends: BTreeMap<u32, Backend>,
@@ -193,7 +197,17 @@ impl<M: MapOps> SyncEngine<M> {
         };
         let backend_alloc = alloc(META_NEXT_BACKEND_ID, max_backend_id, &maps)?;
         let svc_alloc = alloc(META_NEXT_SVC_ID, max_svc_id, &maps)?;
-        let mut engine = SyncEngine { maps, frontends, backend_ids, backends, vips, backend_alloc, svc_alloc, maglev: true };
+        let mut engine = SyncEngine {
+            maps,
+            tables: HashMap::new(),
+            frontends,
+            backend_ids,
+            backends,
+            vips,
+            backend_alloc,
+            svc_alloc,
+            maglev: true,
+        };
         // Slots with no frontend or a gap before them, and members of no
         // frontend, are leftovers of an interrupted write; nothing reaches them.
         for k in orphans {
@@ -319,6 +333,7 @@ impl<M: MapOps> SyncEngine<M> {
                 Err(e) => report.failed.push((format!("service address {addr:?}"), e.to_string())),
             }
         }
+        self.tables.clear();
         report.frontends = self.frontends.len();
         report.backends = self.backends.len();
         report
@@ -363,7 +378,11 @@ impl<M: MapOps> SyncEngine<M> {
         }
         // The common case on a large cluster: nothing changed; no copy.
         if current.is_some_and(|p| {
-            p.value == value && p.slots == ids && (!want_maglev || p.maglev.as_ref() == Some(&ids))
+            p.value == value
+                && p.slots == ids
+                && p.members.len() == ids.len()
+                && ids.iter().all(|id| p.members.contains(id))
+                && (!want_maglev || p.maglev.as_ref() == Some(&ids))
         }) {
             return Ok(());
         }
@@ -404,8 +423,11 @@ impl<M: MapOps> SyncEngine<M> {
         }
         // The Maglev table, written whole (readers see the old or the new one).
         if want_maglev && prog.maglev.as_ref() != Some(&ids) {
-            let pairs: Vec<(u32, Backend)> = ids.iter().map(|id| (*id, self.backends[id])).collect();
-            match self.maps.put_maglev(svc_id, &crate::maglev::table(&pairs)) {
+            if !self.tables.contains_key(&ids) {
+                let pairs: Vec<(u32, Backend)> = ids.iter().map(|id| (*id, self.backends[id])).collect();
+                self.tables.insert(ids.clone(), Box::new(crate::maglev::table(&pairs)));
+            }
+            match self.maps.put_maglev(svc_id, &self.tables[&ids]) {
                 Ok(()) => {
                     report.writes += 1;
                     prog.maglev = Some(ids.clone());

@@ -558,10 +558,11 @@ fn fingerprint(svc: &Service, slices: &[&EndpointSlice]) -> Option<String> {
 /// externalIPs can never take over another's ClusterIP, such as the
 /// `kubernetes` Service's), then the older Service, then namespace/name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Precedence {
+struct Precedence<'a> {
     kind: u8,
     created: Option<k8s_openapi::jiff::Timestamp>,
-    owner: String,
+    ns: &'a str,
+    name: &'a str,
 }
 
 fn kind_rank(k: FrontendKind) -> u8 {
@@ -615,7 +616,7 @@ pub fn translate_all_cached(
             .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()))
     });
     let mut desired = Desired::default();
-    let mut claims: BTreeMap<FrontendAddr, (Precedence, Frontend)> = BTreeMap::new();
+    let mut claims: BTreeMap<FrontendAddr, (Precedence<'_>, Frontend)> = BTreeMap::new();
     let mut live: std::collections::HashSet<(String, String)> = std::collections::HashSet::with_capacity(services.len());
     for svc in sorted {
         let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
@@ -637,15 +638,17 @@ pub fn translate_all_cached(
         live.insert(key);
         let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
         for fe in t.frontends {
-            let rank = Precedence { kind: kind_rank(fe.kind), created, owner: svc_name(svc) };
-            match claims.get(&fe.addr) {
-                Some((held, _)) if *held <= rank => {
-                    let winner = &claims[&fe.addr].1.owner;
-                    desired.skipped.push(conflict(&fe, winner));
+            let rank = Precedence { kind: kind_rank(fe.kind), created, ns, name };
+            match claims.entry(fe.addr) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert((rank, fe));
                 }
-                _ => {
-                    if let Some((_, lost)) = claims.insert(fe.addr, (rank, fe.clone())) {
-                        desired.skipped.push(conflict(&lost, &fe.owner));
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    if o.get().0 <= rank {
+                        desired.skipped.push(conflict(&fe, &o.get().1.owner));
+                    } else {
+                        let (_, lost) = o.insert((rank, fe));
+                        desired.skipped.push(conflict(&lost, &o.get().1.owner));
                     }
                 }
             }

@@ -190,6 +190,11 @@ fn a_resized_conntrack_keeps_its_flows_and_a_too_small_one_is_refused() {
             (s, who)
         })
         .collect();
+    let new_flows = |h: &Harness| {
+        let stats = proxy_agent::datapath::read_stats(&Path::new("/sys/fs/bpf").join(&h.pin_dir)).unwrap();
+        stats.iter().find(|(s, _)| *s == proxy_common::Stat::NewFlow).unwrap().1
+    };
+    let flows_before = new_flows(&h);
     h.kill9();
     h.start_with(&["--max-conntrack", "16384"]);
     let ct = Path::new("/sys/fs/bpf").join(&h.pin_dir).join(proxy_common::MAP_CT_TCP);
@@ -198,6 +203,8 @@ fn a_resized_conntrack_keeps_its_flows_and_a_too_small_one_is_refused() {
     for (s, who) in &mut conns {
         assert_eq!(&tcp_exchange(s).expect("a flow survives the resize"), who);
     }
+    // The entries were carried over, not rebuilt by the next packets.
+    assert_eq!(new_flows(&h), flows_before, "no flow had to start again after the resize");
     h.kill9();
     let out = common::agent_command(&h.topo.node, &h.pin_dir, &["--manifests", h.manifests.to_str().unwrap()], &["--max-conntrack", "4"])
         .output()

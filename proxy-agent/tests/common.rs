@@ -88,7 +88,7 @@ impl Env {
         let agent = env.topo.node.run(|| {
             let mut a = Agent::start(cfg, Arc::new(Metrics::default())).expect("agent start");
             let n = a.attach_interfaces().expect("attach");
-            assert_eq!(n, clients + backends, "attached to every pod interface");
+            assert!(n >= clients + backends, "attached to every pod interface ({n})");
             a
         });
         env.agent = Some(agent);

@@ -176,11 +176,23 @@ fn tcp_dnat_and_reply_rewrite_keep_checksums() {
 #[test]
 fn a_direct_connection_reusing_a_service_flows_tuple_is_left_alone() {
     let mut fx = fixture();
-    let (v, _, _) = fx.dp.test_run(&frame(CLIENT, VIP, 6, 40100, 80, 0x4000, false), 1).unwrap();
+    let (v, out, _) = fx.dp.test_run(&frame(CLIENT, VIP, 6, 40100, 80, 0x4000, false), 1).unwrap();
     assert_eq!(v, TC_ACT_NEXT);
+    // The same translated SYN meets a second ingress hook of ours (a bridge
+    // and its ports both attached): that is the live flow's own packet.
+    let (v, again, _) = fx.dp.test_run(&out, 1).unwrap();
+    assert_eq!((v, &again), (TC_ACT_NEXT, &out), "passes untouched");
+    assert_eq!(datapath::conntrack_entries(&fx.cfg.pin_dir()).unwrap().len(), 2, "the live flow keeps its entries");
+    // The Service flow ends: FIN from the client, FIN from the backend.
+    const FIN_ACK: u8 = 0x11;
+    fx.dp.test_run(&frame_flags(CLIENT, VIP, 6, 40100, 80, 0x4000, false, FIN_ACK), 1).unwrap();
+    let (_, out, _) = fx.dp
+        .test_run_program(proxy_common::PROG_TC_EGRESS, &frame_flags(BACKEND, CLIENT, 6, 8080, 40100, 0x4000, false, FIN_ACK), 1)
+        .unwrap();
+    assert_eq!(check(&out).src, VIP, "the FIN of the reply is still translated");
     // The client now opens CLIENT:40100 -> BACKEND:8080 directly (a
-    // headless Service, a metrics scraper): the SYN evicts the old flow's
-    // entries, and the SYN-ACK keeps the backend's address.
+    // headless Service, a metrics scraper): the SYN evicts the finished
+    // flow's entries, and the SYN-ACK keeps the backend's address.
     let direct = frame_flags(CLIENT, BACKEND, 6, 40100, 8080, 0x4000, false, SYN);
     let (v, out, _) = fx.dp.test_run(&direct, 1).unwrap();
     assert_eq!((v, out), (TC_ACT_NEXT, direct.clone()), "the direct SYN passes untouched");
@@ -201,6 +213,23 @@ fn a_direct_connection_reusing_a_service_flows_tuple_is_left_alone() {
     let ack = frame_flags(BACKEND, CLIENT, 6, 8080, 40200, 0x4000, false, 0x10);
     let (_, out, _) = fx.dp.test_run_program(proxy_common::PROG_TC_EGRESS, &ack, 1).unwrap();
     assert_eq!(check(&out).src, VIP, "an ordinary reply of that flow is translated");
+}
+
+#[test]
+fn a_half_open_flow_keeps_the_syn_lifetime() {
+    use proxy_common::{CT_F_ESTABLISHED, CT_F_REPLY, CT_F_SEEN_REPLY, CT_LIFETIME_TCP_NS, CT_LIFETIME_TCP_SYN_NS, ct_lifetime_ns};
+    let mut fx = fixture();
+    let forward = |fx: &Fixture, sport: u16| {
+        datapath::conntrack_entries(&fx.cfg.pin_dir()).unwrap().into_iter().find(|(k, v)| k.sport == sport && v.flags & CT_F_REPLY == 0).unwrap().1
+    };
+    fx.dp.test_run(&frame_flags(CLIENT, VIP, 6, 40300, 80, 0x4000, false, SYN), 1).unwrap();
+    fx.dp.test_run_program(proxy_common::PROG_TC_EGRESS, &frame_flags(BACKEND, CLIENT, 6, 8080, 40300, 0x4000, false, SYN_ACK), 1).unwrap();
+    let f = forward(&fx, 40300);
+    assert!(f.flags & CT_F_SEEN_REPLY != 0 && f.flags & CT_F_ESTABLISHED == 0);
+    assert_eq!(ct_lifetime_ns(6, f.flags), CT_LIFETIME_TCP_SYN_NS, "answered but never acknowledged: a SYN's lifetime");
+    fx.dp.test_run(&frame_flags(CLIENT, VIP, 6, 40300, 80, 0x4000, false, 0x10), 1).unwrap();
+    let f = forward(&fx, 40300);
+    assert_eq!(ct_lifetime_ns(6, f.flags), CT_LIFETIME_TCP_NS, "the client's ACK establishes it");
 }
 
 #[test]

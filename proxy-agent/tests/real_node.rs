@@ -126,6 +126,29 @@ fn pods_on_a_linux_bridge() {
 }
 
 #[test]
+fn pods_on_a_bridge_with_the_bridge_attached_too() {
+    // The chart's interface patterns match both a CNI bridge (cni0) and its
+    // ports: a packet translated at its pod's port meets our ingress again
+    // on the bridge, and must stay its flow's.
+    let mut env = Env::build(
+        "rn",
+        1,
+        2,
+        EnvOpts {
+            node_ips: vec![NODE_IP.into()],
+            topo: TopoOptions { bridge: true, ..TopoOptions::default() },
+            interfaces: vec!["veth*".into(), "br0".into()],
+            ..EnvOpts::default()
+        },
+    );
+    assert_eq!(env.reattach(), 0, "br0 was attached at start");
+    assert!(env.agent().attached().contains("br0"));
+    env.apply(&web(&[env.backend_ip(0), env.backend_ip(1)]));
+    assert_service_works(&env, &["b0", "b1"]);
+    assert_eq!(stat(&env, Stat::StaleReplyEvicted), 0, "no live flow was evicted");
+}
+
+#[test]
 fn other_programs_on_the_same_hooks_keep_seeing_traffic() {
     let mut env = env_with("re", TopoOptions::default());
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");

@@ -239,6 +239,10 @@ pub const CT_F_SEEN_REPLY: u8 = 1 << 4;
 pub const CT_F_FIN_FWD: u8 = 1 << 5;
 /// TCP: the backend sent FIN.
 pub const CT_F_FIN_REV: u8 = 1 << 6;
+/// TCP: the client acknowledged after a reply (the handshake completed):
+/// only then does the flow get the established lifetime, so a half-open
+/// flow (a SYN flood answered by SYN-ACKs) expires like a SYN.
+pub const CT_F_ESTABLISHED: u8 = 1 << 7;
 
 /// Lifetimes by state, checked on lookup and by the agent's collector
 /// (Cilium's defaults; netfilter uses the same shape).
@@ -249,6 +253,13 @@ pub const CT_LIFETIME_NONTCP_NS: u64 = 120 * 1_000_000_000;
 /// Entries are refreshed at most this often, to keep writes off the fast path.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
+/// Whether a forward entry is finished or past its lifetime at `now`.
+#[inline(always)]
+#[must_use]
+pub const fn ct_done(proto: u8, v: &CtValue, now: u64) -> bool {
+    v.flags & CT_F_CLOSING != 0 || now.wrapping_sub(v.last_seen_ns) > ct_lifetime_ns(proto, v.flags)
+}
+
 /// How long a forward entry with these flags lives after its last packet.
 #[inline(always)]
 #[must_use]
@@ -257,7 +268,7 @@ pub const fn ct_lifetime_ns(proto: u8, flags: u8) -> u64 {
         CT_LIFETIME_NONTCP_NS
     } else if flags & CT_F_CLOSING != 0 {
         CT_LIFETIME_TCP_CLOSING_NS
-    } else if flags & CT_F_SEEN_REPLY == 0 {
+    } else if flags & CT_F_ESTABLISHED == 0 {
         CT_LIFETIME_TCP_SYN_NS
     } else {
         CT_LIFETIME_TCP_NS

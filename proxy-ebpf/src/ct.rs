@@ -4,8 +4,8 @@
 //! only while its forward entry is alive and agrees with it, so a stale reply
 //! entry can never rewrite a packet of another flow.
 use proxy_common::{
-    CT_F_CLOSING, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_HAIRPIN, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SYN_SEEN,
-    CT_REFRESH_NS, CtKey, CtValue, Stat, ct_forward_key_of_reply, ct_lifetime_ns, v4_mapped,
+    CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_HAIRPIN, CT_F_REPLY, CT_F_SEEN_REPLY,
+    CT_F_SYN_SEEN, CT_REFRESH_NS, CtKey, CtValue, Stat, ct_done, ct_forward_key_of_reply, ct_lifetime_ns, v4_mapped,
 };
 
 use crate::{
@@ -51,6 +51,9 @@ fn next_flags(flags: u8, tcp: u8, is_tcp: bool, reply: bool) -> u8 {
     }
     if !reply && tcp & TCP_SYN != 0 {
         f |= CT_F_SYN_SEEN;
+    }
+    if !reply && f & CT_F_SEEN_REPLY != 0 && tcp & TCP_ACK != 0 {
+        f |= CT_F_ESTABLISHED;
     }
     if tcp & TCP_FIN != 0 {
         f |= if reply { CT_F_FIN_REV } else { CT_F_FIN_FWD };
@@ -101,7 +104,47 @@ pub fn forward_lookup(pkt: &Packet, now: u64) -> Option<CtValue> {
     }
     let flags = next_flags(v.flags, pkt.tcp_flags, pkt.is_tcp(), false);
     touch(entry, &v, flags, now);
+    if !pkt.is_tcp() {
+        keep_reply(pkt, &v);
+    }
     Some(v)
+}
+
+/// Non-TCP flows live in an LRU map: a mostly one-way flow must not lose
+/// its reply entry to churn while its forward entry stays hot. Looking the
+/// reply entry up refreshes it; a missing one is written again.
+#[inline(always)]
+fn keep_reply(pkt: &Packet, v: &CtValue) {
+    let rkey = reply_key(pkt, v.nat_addr, v.nat_port, v.flags & CT_F_HAIRPIN);
+    if ct_get(&rkey).is_some() {
+        return;
+    }
+    let rev = CtValue {
+        nat_addr: v4_mapped(pkt.daddr),
+        nat_port: pkt.dport,
+        flags: CT_F_REPLY | (v.flags & CT_F_HAIRPIN),
+        _pad: 0,
+        backend_id: v.backend_id,
+        last_seen_ns: v.last_seen_ns,
+        svc_id: v.svc_id,
+        _pad2: 0,
+    };
+    let _ = ct_insert(&rkey, &rev);
+}
+
+/// The reply key of the flow `pkt` (client -> frontend) opened to a backend.
+#[inline(always)]
+fn reply_key(pkt: &Packet, backend: [u8; 16], bport: u16, hairpin: u8) -> CtKey {
+    CtKey {
+        saddr: backend,
+        // A hairpin reply is addressed to the frontend (the forward packet's
+        // source was rewritten to it); an ordinary one to the client.
+        daddr: if hairpin != 0 { v4_mapped(pkt.daddr) } else { v4_mapped(pkt.saddr) },
+        sport: bport,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    }
 }
 
 /// Records a new flow from `pkt`'s client to a backend. Returns the hairpin
@@ -121,16 +164,7 @@ pub fn create(pkt: &Packet, svc_id: u32, backend_id: u32, baddr: [u8; 4], bport:
         svc_id,
         _pad2: 0,
     };
-    // A hairpin reply is addressed to the frontend (the forward packet's
-    // source was rewritten to it); an ordinary one to the client.
-    let rev_key = CtKey {
-        saddr: v4_mapped(baddr),
-        daddr: if hairpin != 0 { fwd_key.daddr } else { fwd_key.saddr },
-        sport: bport,
-        dport: pkt.sport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
+    let rev_key = reply_key(pkt, v4_mapped(baddr), bport, hairpin);
     let rev = CtValue {
         nat_addr: fwd_key.daddr,
         nat_port: pkt.dport,
@@ -215,9 +249,12 @@ pub fn forward_of(fkey: &CtKey, now: u64) -> Option<CtValue> {
 /// flow of the same tuple used as its backend (headless Services,
 /// StatefulSets and metrics scrapers do this): the old flow's entries would
 /// rewrite this flow's replies, so they go. Only a TCP SYN or a non-TCP
-/// packet can start such a flow.
+/// packet can start such a flow, and only a finished one (closing, or past
+/// its lifetime) is evicted: the packet of a live Service flow that meets a
+/// second ingress hook of ours (a bridge and its ports both attached) is
+/// that flow's own, already translated.
 #[inline(always)]
-pub fn evict_stale(pkt: &Packet) {
+pub fn evict_stale(pkt: &Packet, now: u64) {
     if pkt.is_tcp() && !pkt.is_syn() {
         return;
     }
@@ -229,6 +266,13 @@ pub fn evict_stale(pkt: &Packet) {
         return;
     }
     let fkey = ct_forward_key_of_reply(&rkey, &r);
+    if let Some(f) = ct_get(&fkey) {
+        // SAFETY: copied out at once.
+        let f = unsafe { *f };
+        if !ct_done(pkt.proto, &f, now) {
+            return;
+        }
+    }
     ct_remove(&fkey);
     ct_remove(&rkey);
     count(Stat::StaleReplyEvicted);

@@ -66,7 +66,7 @@ pub fn ingress<const L3: usize>(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_NEXT);
     }
     let Some(vip) = vip else {
-        ct::evict_stale(&pkt);
+        ct::evict_stale(&pkt, now);
         count(Stat::PassNoService);
         return Ok(TC_ACT_NEXT);
     };
