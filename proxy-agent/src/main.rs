@@ -49,7 +49,8 @@ struct Cli {
     dp: DpArgs,
 
     /// Address for /metrics.
-    #[arg(long, env = "KPROXY_METRICS_ADDR", default_value = "0.0.0.0:10249")]
+    /// Bound to loopback by default, as kube-proxy's metrics are.
+    #[arg(long, env = "KPROXY_METRICS_ADDR", default_value = "127.0.0.1:10249")]
     metrics_addr: SocketAddr,
 
     /// Address for /healthz and /readyz.
