@@ -229,12 +229,7 @@ fn removing_a_udp_backend_flushes_its_flows() {
     let sock = env.client(0).run(|| std::net::UdpSocket::bind("0.0.0.0:0")).unwrap();
     sock.set_read_timeout(Some(T)).unwrap();
     sock.connect(sa(Ipv4Addr::new(10, 96, 0, 60), 53)).unwrap();
-    let ask = || {
-        sock.send(b"q").unwrap();
-        let mut buf = [0u8; 16];
-        let n = sock.recv(&mut buf).unwrap();
-        String::from_utf8_lossy(&buf[..n]).trim().to_owned()
-    };
+    let ask = || proxy_testkit::udp_ask(&sock);
     let first = ask();
     assert_eq!(ask(), first, "the flow is sticky");
     let keep = if first == "b0" { 1 } else { 0 };

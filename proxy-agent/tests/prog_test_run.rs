@@ -60,16 +60,7 @@ fn ip(o: [u8; 4]) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(o))
 }
 
-fn csum(data: &[u8], init: u32) -> u16 {
-    let mut s = init;
-    for c in data.chunks(2) {
-        s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
+use proxy_testkit::tun::checksum as csum;
 
 fn pseudo(src: &[u8], dst: &[u8], proto: u8, len: usize) -> u32 {
     let mut p = Vec::new();

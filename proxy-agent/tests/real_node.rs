@@ -305,12 +305,7 @@ fn a_udp_flow_moves_when_its_backend_leaves_one_service_but_not_the_other() {
         s.connect(sa(vip, 53)).unwrap();
         s
     };
-    let ask = |s: &UdpSocket| {
-        s.send(b"q").unwrap();
-        let mut buf = [0u8; 16];
-        let n = s.recv(&mut buf).unwrap();
-        String::from_utf8_lossy(&buf[..n]).trim().to_owned()
-    };
+    let ask = proxy_testkit::udp_ask;
     let sa_ = connected(Ipv4Addr::new(10, 96, 0, 61));
     let on = ask(&sa_);
     // A flow of B on the same backend.

@@ -130,12 +130,7 @@ fn pod_clients_get_the_tc_semantics_at_the_socket() {
     let sock = s.env.client(0).run(|| UdpSocket::bind("0.0.0.0:0")).unwrap();
     sock.set_read_timeout(Some(T)).unwrap();
     sock.connect(sa(VIP, 53)).unwrap();
-    let ask = || {
-        sock.send(b"q").unwrap();
-        let mut buf = [0u8; 16];
-        let n = sock.recv(&mut buf).unwrap();
-        String::from_utf8_lossy(&buf[..n]).trim().to_owned()
-    };
+    let ask = || proxy_testkit::udp_ask(&sock);
     let first = ask();
     assert_eq!(ask(), first);
     let keep: Vec<usize> = [1, 2].into_iter().filter(|i| format!("b{i}") != first).collect();

@@ -347,6 +347,16 @@ pub fn udp_request(ns: &Netns, to: SocketAddrV4, timeout: Duration) -> anyhow::R
     Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
 }
 
+/// One request on a connected UDP socket: the answer (trimmed). Panics on
+/// a timeout (tests set one).
+#[must_use]
+pub fn udp_ask(sock: &UdpSocket) -> String {
+    sock.send(b"q").expect("UDP send");
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("UDP answer");
+    String::from_utf8_lossy(&buf[..n]).trim().to_owned()
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
