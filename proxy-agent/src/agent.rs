@@ -53,6 +53,8 @@ pub struct Agent {
     /// Every link present (index -> name), for pruning stale pins.
     links: BTreeMap<u32, String>,
     migration_done: bool,
+    /// The next sync re-reads the maps first (periodic full resync).
+    reload_due: bool,
     last_skipped: BTreeSet<Skip>,
     last_failed: BTreeSet<(String, String)>,
     cache: translate::TranslationCache,
@@ -102,6 +104,7 @@ impl Agent {
             retry: BTreeMap::new(),
             links: BTreeMap::new(),
             migration_done: false,
+            reload_due: false,
             last_skipped: BTreeSet::new(),
             last_failed: BTreeSet::new(),
             cache: translate::TranslationCache::default(),
@@ -207,9 +210,28 @@ impl Agent {
         self.attached.values().map(|i| i.name.clone()).collect()
     }
 
+    /// Makes the next [`Agent::apply`] re-read the kernel maps first, so it
+    /// repairs entries changed behind the agent's back (kube-proxy's
+    /// periodic full sync).
+    pub fn request_resync(&mut self) {
+        self.reload_due = true;
+    }
+
+    /// Whether the last sync left frontends or backends unprogrammed (they
+    /// are retried by the next sync).
+    #[must_use]
+    pub fn has_failures(&self) -> bool {
+        !self.last_failed.is_empty()
+    }
+
     /// Programs the maps from the full set of objects.
     pub fn apply(&mut self, services: &[Service], slices: &[EndpointSlice], nodes: &[Node], seen_at: Instant) -> SyncReport {
         let start = Instant::now();
+        if std::mem::take(&mut self.reload_due)
+            && let Err(e) = self.engine.reload()
+        {
+            tracing::warn!(error = %e, "re-reading the maps for a full resync; syncing from the mirror");
+        }
         let node = node_info(&self.cfg, nodes);
         let desired = translate::translate_all_cached(services, slices, &node, &mut self.cache);
         // UDP flows of a backend that left a frontend move at their next

@@ -71,6 +71,7 @@ pub async fn run(
     kubeconfig: Option<&Path>,
     metrics: &Arc<Metrics>,
     coalesce: Duration,
+    sync_period: Duration,
     links: &mut mpsc::UnboundedReceiver<crate::ifaces::LinkEvent>,
 ) -> anyhow::Result<()> {
     let client = client(kubeconfig).await?;
@@ -112,6 +113,11 @@ pub async fn run(
         } => { r.context("watch ended before the first list")?; }
     }
     let mut rescan = tokio::time::interval(Duration::from_millis(500));
+    let mut full = tokio::time::interval(sync_period);
+    full.tick().await; // the first tick is immediate
+    // A sync that left something unprogrammed is retried with backoff.
+    let mut backoff = Duration::from_secs(1);
+    let mut retry_at: Option<tokio::time::Instant> = None;
     let mut first = true;
     let mut pending: Option<Instant> = Some(Instant::now());
     loop {
@@ -126,6 +132,13 @@ pub async fn run(
             let slices: Vec<EndpointSlice> = slice_store.state().iter().map(|s| (**s).clone()).collect();
             let nodes: Vec<Node> = node_store.state().iter().map(|s| (**s).clone()).collect();
             agent.apply(&services, &slices, &nodes, oldest);
+            if agent.has_failures() {
+                retry_at = Some(tokio::time::Instant::now() + backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            } else {
+                retry_at = None;
+                backoff = Duration::from_secs(1);
+            }
             if first {
                 // Ready means programmed and attached (interfaces were
                 // attached before the first sync).
@@ -146,6 +159,16 @@ pub async fn run(
                 }
             }
             _ = rescan.tick() => agent.retry_attach(),
+            _ = full.tick() => {
+                agent.request_resync();
+                pending = Some(Instant::now());
+            }
+            () = async {
+                match retry_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => pending = Some(Instant::now()),
         }
     }
     for t in &tasks {

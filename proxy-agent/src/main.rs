@@ -61,6 +61,11 @@ struct Cli {
     #[arg(long, env = "KPROXY_POLL_INTERVAL_MS", default_value_t = 500)]
     poll_interval_ms: u64,
 
+    /// Seconds between full resyncs: the kernel maps are read back and
+    /// repaired against the desired state (kube-proxy's --sync-period).
+    #[arg(long, env = "KPROXY_SYNC_PERIOD_S", default_value_t = 30)]
+    sync_period_s: u64,
+
     /// Kubernetes mode: wait this long after a change to coalesce a burst.
     #[arg(long, env = "KPROXY_COALESCE_MS", default_value_t = 5)]
     coalesce_ms: u64,
@@ -204,6 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     let dp_cfg = cfg.datapath.clone();
+    let sync_period = Duration::from_secs(cli.sync_period_s.max(1));
     let mut agent = Agent::start(cfg, metrics.clone()).context("starting the datapath")?;
     proxy_agent::agent::spawn_conntrack_gc(
         pin_dir.clone(),
@@ -218,10 +224,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         agent.on_link_event(ev);
     }
     let result = match &cli.manifests {
-        Some(dir) => run_standalone(&mut agent, dir, &metrics, Duration::from_millis(cli.poll_interval_ms), &mut links).await,
+        Some(dir) => run_standalone(&mut agent, dir, &metrics, Duration::from_millis(cli.poll_interval_ms), sync_period, &mut links).await,
         None => {
-            proxy_agent::kube::run(&mut agent, cli.kubeconfig.as_deref(), &metrics, Duration::from_millis(cli.coalesce_ms), &mut links)
-                .await
+            proxy_agent::kube::run(
+                &mut agent,
+                cli.kubeconfig.as_deref(),
+                &metrics,
+                Duration::from_millis(cli.coalesce_ms),
+                sync_period,
+                &mut links,
+            )
+            .await
         }
     };
     for s in servers {
@@ -241,8 +254,10 @@ async fn run_standalone(
     dir: &std::path::Path,
     metrics: &Metrics,
     poll: Duration,
+    sync_period: Duration,
     links: &mut tokio::sync::mpsc::UnboundedReceiver<proxy_agent::ifaces::LinkEvent>,
 ) -> anyhow::Result<()> {
+    let mut last_full = Instant::now();
     let mut manifests = ManifestDir::new(dir);
     let mut tick = tokio::time::interval(poll);
     let shutdown = proxy_agent::shutdown_signal();
@@ -271,7 +286,14 @@ async fn run_standalone(
         for e in errors {
             tracing::warn!(error = format!("{e:#}"), "manifest skipped, keeping its last good contents");
         }
-        if changed || first {
+        // A failed frontend is retried on every tick; every sync period the
+        // maps are read back and repaired.
+        let resync = last_full.elapsed() >= sync_period;
+        if resync {
+            agent.request_resync();
+            last_full = Instant::now();
+        }
+        if changed || first || resync || agent.has_failures() {
             let objs = manifests.objects();
             agent.apply(&objs.services, &objs.slices, &objs.nodes, seen);
             if first {

@@ -147,76 +147,119 @@ fn backend_value(b: &BackendAddr, proto: u8) -> Backend {
     Backend { addr: ip16(b.ip), port: b.port, proto, flags: 0 }
 }
 
+/// What the maps hold, as the engine mirrors it.
+struct State {
+    frontends: BTreeMap<ServiceKey, Programmed>,
+    backends: BTreeMap<u32, Backend>,
+    vips: BTreeMap<[u8; 16], VipValue>,
+    orphans: Vec<ServiceKey>,
+    stale_members: Vec<MemberKey>,
+    max_svc_id: u32,
+    max_backend_id: u32,
+}
+
+fn read_state<M: MapOps>(maps: &M) -> Result<State, MapError> {
+    let mut frontends: BTreeMap<ServiceKey, Programmed> = BTreeMap::new();
+    let mut slot_entries: Vec<(ServiceKey, ServiceValue)> = Vec::new();
+    let mut max_svc_id = 0;
+    for (k, v) in maps.services()? {
+        if k.slot == 0 {
+            // Slot 0's backend_id is its affinity group, from the same ids.
+            max_svc_id = max_svc_id.max(v.svc_id).max(v.backend_id);
+            frontends.entry(k).or_default().value = v;
+        } else {
+            slot_entries.push((k, v));
+        }
+    }
+    slot_entries.sort_by_key(|(k, _)| k.slot);
+    let mut orphans = Vec::new();
+    for (k, v) in slot_entries {
+        let fk = ServiceKey { slot: 0, ..k };
+        match frontends.get_mut(&fk) {
+            Some(p) if p.slots.len() + 1 == usize::from(k.slot) => p.slots.push(v.backend_id),
+            _ => orphans.push(k),
+        }
+    }
+    let by_svc: HashMap<u32, ServiceKey> = frontends.iter().map(|(k, p)| (p.value.svc_id, *k)).collect();
+    let mut stale_members = Vec::new();
+    for m in maps.members()? {
+        match by_svc.get(&m.svc_id).and_then(|k| frontends.get_mut(k)) {
+            Some(p) => {
+                p.members.insert(m.backend_id);
+            }
+            None => stale_members.push(m),
+        }
+    }
+    for p in frontends.values_mut() {
+        // A table is trusted only if the frontend says it has one; it is
+        // recomputed on the first sync anyway (the ids are unknown here).
+        p.maglev = (p.value.flags & SVC_F_MAGLEV != 0).then(Vec::new);
+    }
+    let backends: BTreeMap<u32, Backend> = maps.backends()?.into_iter().collect();
+    let max_backend_id = backends.keys().next_back().copied().unwrap_or(0);
+    let vips = maps.vips()?.into_iter().collect();
+    Ok(State { frontends, backends, vips, orphans, stale_members, max_svc_id, max_backend_id })
+}
+
 impl<M: MapOps> SyncEngine<M> {
     /// Reads the current map contents into the mirror.
     pub fn adopt(maps: M) -> Result<Self, MapError> {
-        let mut frontends: BTreeMap<ServiceKey, Programmed> = BTreeMap::new();
-        let mut slot_entries: Vec<(ServiceKey, ServiceValue)> = Vec::new();
-        let mut max_svc_id = 0;
-        for (k, v) in maps.services()? {
-            if k.slot == 0 {
-                // Slot 0's backend_id is its affinity group, from the same ids.
-                max_svc_id = max_svc_id.max(v.svc_id).max(v.backend_id);
-                frontends.entry(k).or_default().value = v;
-            } else {
-                slot_entries.push((k, v));
-            }
-        }
-        slot_entries.sort_by_key(|(k, _)| k.slot);
-        let mut orphans = Vec::new();
-        for (k, v) in slot_entries {
-            let fk = ServiceKey { slot: 0, ..k };
-            match frontends.get_mut(&fk) {
-                Some(p) if p.slots.len() + 1 == usize::from(k.slot) => p.slots.push(v.backend_id),
-                _ => orphans.push(k),
-            }
-        }
-        let by_svc: HashMap<u32, ServiceKey> = frontends.iter().map(|(k, p)| (p.value.svc_id, *k)).collect();
-        let mut stale_members = Vec::new();
-        for m in maps.members()? {
-            match by_svc.get(&m.svc_id).and_then(|k| frontends.get_mut(k)) {
-                Some(p) => {
-                    p.members.insert(m.backend_id);
-                }
-                None => stale_members.push(m),
-            }
-        }
-        for p in frontends.values_mut() {
-            // A table is trusted only if the frontend says it has one; it is
-            // recomputed on the first sync anyway (the ids are unknown here).
-            p.maglev = (p.value.flags & SVC_F_MAGLEV != 0).then(Vec::new);
-        }
-        let backends: BTreeMap<u32, Backend> = maps.backends()?.into_iter().collect();
-        let backend_ids = backends.iter().map(|(id, b)| (*b, *id)).collect();
-        let max_backend_id = backends.keys().next_back().copied().unwrap_or(0);
-        let vips = maps.vips()?.into_iter().collect();
+        let st = read_state(&maps)?;
         let alloc = |slot: u32, max_seen: u32, maps: &M| -> Result<IdAlloc, MapError> {
             let reserved = u32::try_from(maps.meta(slot)?).unwrap_or(u32::MAX);
             let next = reserved.max(max_seen + 1).max(1);
             Ok(IdAlloc { slot, next, reserved: 0 })
         };
-        let backend_alloc = alloc(META_NEXT_BACKEND_ID, max_backend_id, &maps)?;
-        let svc_alloc = alloc(META_NEXT_SVC_ID, max_svc_id, &maps)?;
+        let backend_alloc = alloc(META_NEXT_BACKEND_ID, st.max_backend_id, &maps)?;
+        let svc_alloc = alloc(META_NEXT_SVC_ID, st.max_svc_id, &maps)?;
         let mut engine = SyncEngine {
             maps,
             tables: HashMap::new(),
-            frontends,
-            backend_ids,
-            backends,
-            vips,
+            frontends: BTreeMap::new(),
+            backend_ids: HashMap::new(),
+            backends: BTreeMap::new(),
+            vips: BTreeMap::new(),
             backend_alloc,
             svc_alloc,
             maglev: true,
         };
+        engine.install(st)?;
+        Ok(engine)
+    }
+
+    /// Re-reads the mirror from the maps (a periodic full resync): the next
+    /// [`SyncEngine::sync`] then repairs whatever changed behind the agent's
+    /// back (an entry deleted or rewritten by hand, a write that was lost).
+    /// Maglev tables are trusted where the frontend is as the mirror had it.
+    pub fn reload(&mut self) -> Result<(), MapError> {
+        let mut st = read_state(&self.maps)?;
+        for (k, p) in &mut st.frontends {
+            if let Some(old) = self.frontends.get(k)
+                && old.value == p.value
+                && old.slots == p.slots
+            {
+                p.maglev.clone_from(&old.maglev);
+            }
+        }
+        self.backend_alloc.next = self.backend_alloc.next.max(st.max_backend_id + 1);
+        self.svc_alloc.next = self.svc_alloc.next.max(st.max_svc_id + 1);
+        self.install(st)
+    }
+
+    fn install(&mut self, st: State) -> Result<(), MapError> {
+        self.frontends = st.frontends;
+        self.backend_ids = st.backends.iter().map(|(id, b)| (*b, *id)).collect();
+        self.backends = st.backends;
+        self.vips = st.vips;
         // Slots with no frontend or a gap before them, and members of no
         // frontend, are leftovers of an interrupted write; nothing reaches them.
-        for k in orphans {
-            engine.maps.del_service(k)?;
+        for k in st.orphans {
+            self.maps.del_service(k)?;
         }
-        for m in stale_members {
-            engine.maps.del_member(m)?;
+        for m in st.stale_members {
+            self.maps.del_member(m)?;
         }
-        Ok(engine)
+        Ok(())
     }
 
     /// Chooses backends by Maglev tables (`true`, the default) or at random.
@@ -266,6 +309,19 @@ impl<M: MapOps> SyncEngine<M> {
                 Err(e) => report.failed.push((format!("service address {addr:?}"), e.to_string())),
             }
         }
+        // Removals first: they free map space the additions may need.
+        let stale: Vec<ServiceKey> =
+            self.frontends.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        for key in stale {
+            if let Err(e) = self.remove_frontend(key, &mut report) {
+                report.failed.push((format!("{key:?}"), e.to_string()));
+            }
+        }
+        let wanted_backends: std::collections::HashSet<Backend> = wanted
+            .iter()
+            .flat_map(|(k, fe)| fe.backends.iter().map(|b| backend_value(b, k.proto)))
+            .collect();
+        self.delete_unused_backends(|b| wanted_backends.contains(b), &mut report);
         // ClientIP affinity is per Service port: one group id shared by the
         // port's frontends, kept from what is programmed when possible.
         let mut groups: HashMap<&str, u32> = HashMap::new();
@@ -297,29 +353,8 @@ impl<M: MapOps> SyncEngine<M> {
                 report.failed.push((fe.owner.clone(), e.to_string()));
             }
         }
-        // Frontends: remove.
-        let stale: Vec<ServiceKey> =
-            self.frontends.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
-        for key in stale {
-            if let Err(e) = self.remove_frontend(key, &mut report) {
-                report.failed.push((format!("{key:?}"), e.to_string()));
-            }
-        }
-        // Backends nothing refers to any more.
-        let used: BTreeSet<u32> = self.frontends.values().flat_map(|p| p.slots.iter().copied()).collect();
-        let unused: Vec<u32> = self.backends.keys().filter(|id| !used.contains(id)).copied().collect();
-        for id in unused {
-            match self.maps.del_backend(id) {
-                Ok(()) => {
-                    report.deletes += 1;
-                    if let Some(b) = self.backends.remove(&id) {
-                        self.backend_ids.remove(&b);
-                        report.removed_backends.push((id, b));
-                    }
-                }
-                Err(e) => report.failed.push((format!("backend {id}"), e.to_string())),
-            }
-        }
+        // Backends nothing refers to any more (after the updates).
+        self.delete_unused_backends(|_| false, &mut report);
         // Addresses no frontend uses any more.
         let in_use: BTreeSet<[u8; 16]> = self.frontends.keys().map(|k| k.addr).collect();
         let gone: Vec<[u8; 16]> =
@@ -337,6 +372,26 @@ impl<M: MapOps> SyncEngine<M> {
         report.frontends = self.frontends.len();
         report.backends = self.backends.len();
         report
+    }
+
+    /// Deletes backends no programmed slot refers to, except those `keep`
+    /// says a frontend about to be written wants.
+    fn delete_unused_backends(&mut self, keep: impl Fn(&Backend) -> bool, report: &mut SyncReport) {
+        let used: BTreeSet<u32> = self.frontends.values().flat_map(|p| p.slots.iter().copied()).collect();
+        let unused: Vec<u32> =
+            self.backends.iter().filter(|(id, b)| !used.contains(id) && !keep(b)).map(|(id, _)| *id).collect();
+        for id in unused {
+            match self.maps.del_backend(id) {
+                Ok(()) => {
+                    report.deletes += 1;
+                    if let Some(b) = self.backends.remove(&id) {
+                        self.backend_ids.remove(&b);
+                        report.removed_backends.push((id, b));
+                    }
+                }
+                Err(e) => report.failed.push((format!("backend {id}"), e.to_string())),
+            }
+        }
     }
 
     fn backend_id(&mut self, b: Backend, report: &mut SyncReport) -> Result<u32, MapError> {

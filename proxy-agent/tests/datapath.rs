@@ -316,3 +316,26 @@ fn a_local_policy_without_local_endpoints_drops_instead_of_refusing() {
     // The ClusterIP follows the (Cluster) internal policy and still works.
     assert_eq!(tcp_request(env.client(0), sa(Ipv4Addr::new(10, 96, 0, 34), 80), T).unwrap().0, "b0");
 }
+
+#[test]
+fn a_full_resync_repairs_a_frontend_deleted_behind_the_agents_back() {
+    use proxy_agent::sync::MapOps as _;
+    let (mut env, yaml) = three_backend_env("o");
+    assert!(tcp_request(env.client(0), sa(VIP, 80), T).is_ok());
+    let mut maps = proxy_agent::datapath::PinnedMaps::open(&env.pin_dir()).unwrap();
+    let key = proxy_common::ServiceKey {
+        addr: proxy_common::v4_mapped(VIP.octets()),
+        port: 80,
+        proto: proxy_common::IPPROTO_TCP,
+        scope: 0,
+        slot: 0,
+        _pad: 0,
+    };
+    maps.del_service(key).unwrap();
+    let err = tcp_connect(env.client(0), sa(VIP, 80), Duration::from_millis(500)).expect_err("the frontend is gone");
+    assert_eq!(err.downcast_ref::<std::io::Error>().map(std::io::Error::kind), Some(std::io::ErrorKind::ConnectionRefused));
+    env.agent().request_resync();
+    env.apply(&yaml);
+    let (answer, _) = tcp_request(env.client(0), sa(VIP, 80), T).expect("repaired by the full resync");
+    assert!(["b0", "b1", "b2"].contains(&answer.as_str()));
+}

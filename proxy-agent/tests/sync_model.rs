@@ -194,3 +194,49 @@ fn membership_and_maglev_tables_follow_the_backend_set() {
     engine.sync(&Desired::default());
     assert!(engine.maps().members.is_empty() && engine.maps().maglev.is_empty(), "removed with the frontend");
 }
+
+#[test]
+fn removals_free_space_for_additions_in_the_same_sync_and_failures_are_retried() {
+    let maps = MemMaps { capacity_services: Some(5), ..MemMaps::default() };
+    let mut engine = SyncEngine::adopt(maps).unwrap();
+    // Frontend 1 takes 3 entries.
+    assert!(engine.sync(&build(&[Some((0b11, false))])).failed.is_empty());
+    // One batch: frontend 1 goes, frontend 2 (4 entries) comes: it fits
+    // only because the removal runs first.
+    let r = engine.sync(&build(&[None, Some((0b111, false))]));
+    assert!(r.failed.is_empty(), "{r:?}");
+    let k2 = frontend_key(&fe_addr(2));
+    assert_eq!(engine.maps().reader_view(&k2).unwrap().unwrap().len(), 3);
+    // A frontend that does not fit fails, and succeeds at a later sync of the
+    // same desired state once space is freed.
+    let both = build(&[Some((0b1, false)), Some((0b111, false))]);
+    assert_eq!(engine.sync(&both).failed.len(), 1);
+    engine.maps_mut().capacity_services = Some(10);
+    let r = engine.sync(&both);
+    assert!(r.failed.is_empty(), "retried and programmed: {r:?}");
+    assert!(engine.maps().reader_view(&frontend_key(&fe_addr(1))).is_some());
+}
+
+#[test]
+fn a_full_resync_repairs_entries_changed_behind_the_agents_back() {
+    let mut engine = SyncEngine::adopt(MemMaps::default()).unwrap();
+    let d = build(&[Some((0b11, false)), Some((0b1, false))]);
+    engine.sync(&d);
+    let want = engine.maps().clone();
+    let k1 = frontend_key(&fe_addr(1));
+    // Someone deletes a frontend and a backend slot by hand.
+    engine.maps_mut().services.remove(&k1);
+    engine.maps_mut().services.remove(&proxy_common::ServiceKey { slot: 1, ..frontend_key(&fe_addr(2)) });
+    // Without a reload the mirror says all is well: nothing is written.
+    assert_eq!(engine.sync(&d).writes, 0);
+    engine.reload().unwrap();
+    let r = engine.sync(&d);
+    assert!(r.writes > 0 && r.failed.is_empty(), "{r:?}");
+    // The deleted frontend comes back (under a new id: ids are never reused).
+    let keys: Vec<_> = want.services.keys().copied().collect();
+    assert_eq!(engine.maps().services.keys().copied().collect::<Vec<_>>(), keys, "every entry is back");
+    for k in keys.iter().filter(|k| k.slot == 0) {
+        assert_eq!(engine.maps().reader_view(k), want.reader_view(k), "{k:?} reads as before");
+    }
+    assert_eq!(engine.maps().members.len(), want.members.len(), "no stale member left");
+}
