@@ -62,6 +62,63 @@ fn add_value(objs: &mut Objects, value: serde_yaml::Value, src: &str) -> anyhow:
     Ok(())
 }
 
+/// Which object a document is: (kind, namespace, name).
+type DocId = (String, String, String);
+
+fn doc_id(value: &serde_yaml::Value) -> DocId {
+    let s = |v: Option<&serde_yaml::Value>| v.and_then(|v| v.as_str()).unwrap_or("").to_owned();
+    let meta = value.get("metadata");
+    (s(value.get("kind")), s(meta.and_then(|m| m.get("namespace"))), s(meta.and_then(|m| m.get("name"))))
+}
+
+fn ids_of(objs: &Objects) -> Vec<(DocId, Objects)> {
+    let id = |kind: &str, m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        (kind.to_owned(), m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
+    };
+    let mut out = Vec::new();
+    for o in &objs.services {
+        out.push((id("Service", &o.metadata), Objects { services: vec![o.clone()], ..Objects::default() }));
+    }
+    for o in &objs.slices {
+        out.push((id("EndpointSlice", &o.metadata), Objects { slices: vec![o.clone()], ..Objects::default() }));
+    }
+    for o in &objs.nodes {
+        out.push((id("Node", &o.metadata), Objects { nodes: vec![o.clone()], ..Objects::default() }));
+    }
+    out
+}
+
+/// Parses a stream document by document. A document that is valid YAML but
+/// not a valid object keeps `previous`'s version of the same object (kind,
+/// namespace, name): one bad edit in a multi-document file never drops the
+/// file's other objects, nor that object's last good version. Invalid YAML
+/// fails the whole stream (its documents cannot be told apart).
+pub fn parse_str_keeping(text: &str, src: &str, previous: &Objects) -> anyhow::Result<(Objects, Vec<anyhow::Error>)> {
+    let mut objs = Objects::default();
+    let mut errors = Vec::new();
+    let old = ids_of(previous);
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = serde_yaml::Value::deserialize(doc).with_context(|| format!("{src}: invalid YAML"))?;
+        let id = doc_id(&value);
+        let mut one = Objects::default();
+        match add_value(&mut one, value, src) {
+            Ok(()) => objs.extend(one),
+            Err(e) => {
+                let kept: Vec<Objects> = old.iter().filter(|(i, _)| *i == id).map(|(_, o)| o.clone()).collect();
+                errors.push(e.context(if kept.is_empty() {
+                    format!("{src}: {} {}/{} skipped", id.0, id.1, id.2)
+                } else {
+                    format!("{src}: keeping the last good {} {}/{}", id.0, id.1, id.2)
+                }));
+                for k in kept {
+                    objs.extend(k);
+                }
+            }
+        }
+    }
+    Ok((objs, errors))
+}
+
 /// Parses one YAML/JSON stream.
 pub fn parse_str(text: &str, src: &str) -> anyhow::Result<Objects> {
     let mut objs = Objects::default();
@@ -77,7 +134,19 @@ pub fn parse_str(text: &str, src: &str) -> anyhow::Result<Objects> {
 #[derive(Default)]
 pub struct ManifestDir {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, (SystemTime, u64, Objects)>,
+    files: BTreeMap<PathBuf, (Stamp, Objects)>,
+}
+
+/// What tells a file changed: modification time, length, and the file
+/// itself (device, inode) *behind* any symlink. Kubelet updates a ConfigMap
+/// volume by swapping a `..data` symlink to a new directory: the name's own
+/// link never changes, the file it resolves to does.
+type Stamp = (SystemTime, u64, u64, u64);
+
+fn stamp(path: &Path) -> std::io::Result<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = fs::metadata(path)?;
+    Ok((m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), m.dev(), m.ino()))
 }
 
 impl ManifestDir {
@@ -101,23 +170,23 @@ impl ManifestDir {
                 continue;
             }
             present.push(path.clone());
-            let Ok(meta) = entry.metadata() else { continue };
-            let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
-            if self.files.get(&path).is_some_and(|(m, l, _)| (*m, *l) == stamp) {
+            let Ok(stamp) = stamp(&path) else { continue };
+            if self.files.get(&path).is_some_and(|(s, _)| *s == stamp) {
                 continue;
             }
+            let old = self.files.remove(&path).map(|f| f.1).unwrap_or_default();
             let parsed = fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))
-                .and_then(|t| parse_str(&t, &path.display().to_string()));
+                .and_then(|t| parse_str_keeping(&t, &path.display().to_string(), &old));
             match parsed {
-                Ok(objs) => {
-                    self.files.insert(path, (stamp.0, stamp.1, objs));
+                Ok((objs, errs)) => {
+                    self.files.insert(path, (stamp, objs));
+                    errors.extend(errs);
                     changed = true;
                 }
                 Err(e) => {
                     // Remember the stamp so the error is reported once per edit.
-                    let old = self.files.remove(&path).map(|f| f.2).unwrap_or_default();
-                    self.files.insert(path, (stamp.0, stamp.1, old));
+                    self.files.insert(path, (stamp, old));
                     errors.push(e);
                 }
             }
@@ -132,9 +201,71 @@ impl ManifestDir {
     #[must_use]
     pub fn objects(&self) -> Objects {
         let mut all = Objects::default();
-        for (_, _, objs) in self.files.values() {
+        for (_, objs) in self.files.values() {
             all.extend(objs.clone());
         }
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, port: &str) -> String {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: 10.96.0.9, ports: [{{port: {port}}}]}}\n")
+    }
+
+    fn ports(d: &ManifestDir) -> Vec<(String, i32)> {
+        let mut v: Vec<(String, i32)> = d
+            .objects()
+            .services
+            .iter()
+            .map(|s| (s.metadata.name.clone().unwrap(), s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_config_map_update_by_symlink_swap_is_seen() {
+        let dir = std::env::temp_dir().join(format!("kproxy-cm-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("..2026_a")).unwrap();
+        fs::write(dir.join("..2026_a/web.yaml"), svc("web", "80")).unwrap();
+        std::os::unix::fs::symlink("..2026_a", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/web.yaml", dir.join("web.yaml")).unwrap();
+        let mut d = ManifestDir::new(&dir);
+        assert!(d.refresh().unwrap().0);
+        assert_eq!(ports(&d), [("web".to_owned(), 80)]);
+        // Kubelet's atomic writer: a new directory, then `..data` swapped.
+        fs::create_dir_all(dir.join("..2026_b")).unwrap();
+        fs::write(dir.join("..2026_b/web.yaml"), svc("web", "81")).unwrap();
+        std::os::unix::fs::symlink("..2026_b", dir.join("..data_tmp")).unwrap();
+        fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        fs::remove_dir_all(dir.join("..2026_a")).unwrap();
+        let (changed, errors) = d.refresh().unwrap();
+        assert!(changed && errors.is_empty(), "the swap is a change: {errors:?}");
+        assert_eq!(ports(&d), [("web".to_owned(), 81)]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_bad_document_keeps_its_last_good_version_and_the_others_update() {
+        let dir = std::env::temp_dir().join(format!("kproxy-docs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("all.yaml"), svc("a", "80") + &svc("b", "90")).unwrap();
+        let mut d = ManifestDir::new(&dir);
+        d.refresh().unwrap();
+        assert_eq!(ports(&d), [("a".to_owned(), 80), ("b".to_owned(), 90)]);
+        // `a` changes, `b` is broken in the same edit.
+        fs::write(dir.join("all.yaml"), svc("a", "81") + &svc("b", "notanumber")).unwrap();
+        let (changed, errors) = d.refresh().unwrap();
+        assert!(changed);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(format!("{:#}", errors[0]).contains("keeping the last good Service default/b"), "{:#}", errors[0]);
+        assert_eq!(ports(&d), [("a".to_owned(), 81), ("b".to_owned(), 90)]);
+        let _ = fs::remove_dir_all(&dir);
     }
 }
