@@ -461,10 +461,7 @@ impl Datapath {
             for e in fs::read_dir(&links).into_iter().flatten().flatten() {
                 let pin = e.file_name().to_string_lossy().into_owned();
                 if pin.starts_with("sock_") {
-                    if let Ok(p) = PinnedLink::from_pin(e.path()) {
-                        let _ = p.unpin();
-                    }
-                    let _ = fs::remove_file(e.path());
+                    unpin_link(&e.path());
                     tracing::info!(pin, "socket program detached (--socket-lb=off)");
                 }
             }
@@ -486,10 +483,7 @@ impl Datapath {
             for e in entries.flatten() {
                 let pin = e.file_name().to_string_lossy().into_owned();
                 if pin.starts_with("sock_") && !pin.starts_with(&format!("sock_{cgroup_id}_")) {
-                    if let Ok(p) = PinnedLink::from_pin(e.path()) {
-                        let _ = p.unpin();
-                    }
-                    let _ = fs::remove_file(e.path());
+                    unpin_link(&e.path());
                     tracing::info!(pin, "detached a socket program from a previous cgroup");
                 }
             }
@@ -541,15 +535,23 @@ impl Datapath {
             let keep = parse_link_pin(&pin)
                 .is_some_and(|(index, name)| present.get(&index).is_some_and(|n| n.replace('.', "_") == name));
             if !keep {
-                if let Ok(p) = PinnedLink::from_pin(e.path()) {
-                    let _ = p.unpin();
-                } else {
-                    let _ = fs::remove_file(e.path());
-                }
+                unpin_link(&e.path());
                 removed.push(pin);
             }
         }
         removed
+    }
+}
+
+/// Removes a link pin; dropping the last reference detaches the link.
+fn unpin_link(path: &Path) {
+    match PinnedLink::from_pin(path) {
+        Ok(p) => {
+            let _ = p.unpin();
+        }
+        Err(_) => {
+            let _ = fs::remove_file(path);
+        }
     }
 }
 
@@ -794,18 +796,6 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The reply key of a forward entry.
-fn reply_key_of(fkey: &CtKey, f: &CtValue) -> CtKey {
-    CtKey {
-        saddr: f.nat_addr,
-        daddr: if f.flags & proxy_common::CT_F_HAIRPIN != 0 { fkey.daddr } else { fkey.saddr },
-        sport: f.nat_port,
-        dport: fkey.sport,
-        proto: fkey.proto,
-        _pad: [0; 3],
-    }
-}
-
 impl Conntrack {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         Ok(Self {
@@ -869,7 +859,7 @@ impl Conntrack {
                     && self.members.get(&MemberKey { svc_id: v.svc_id, backend_id: v.backend_id }, 0).is_err();
                 if expired || left {
                     doomed.push(*k);
-                    doomed.push(reply_key_of(k, v));
+                    doomed.push(proxy_common::ct_reply_key(k, v.nat_addr, v.nat_port, v.flags & proxy_common::CT_F_HAIRPIN != 0));
                     if expired {
                         r.expired += 1;
                     } else {
@@ -920,15 +910,7 @@ pub fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
     let links = pin_dir.join("links");
     if let Ok(entries) = fs::read_dir(&links) {
         for e in entries.flatten() {
-            match PinnedLink::from_pin(e.path()) {
-                Ok(p) => {
-                    // Unpinning and dropping the last reference detaches it.
-                    let _ = p.unpin();
-                }
-                Err(_) => {
-                    let _ = fs::remove_file(e.path());
-                }
-            }
+            unpin_link(&e.path());
         }
         let _ = fs::remove_dir(&links);
     }

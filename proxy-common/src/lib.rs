@@ -275,6 +275,23 @@ pub const fn ct_lifetime_ns(proto: u8, flags: u8) -> u64 {
     }
 }
 
+/// The reply key of a forward entry (client -> frontend) whose flow went to
+/// `backend:bport`. A hairpin reply is addressed to the frontend (the
+/// forward packet's source was rewritten to it); an ordinary one to the
+/// client.
+#[inline(always)]
+#[must_use]
+pub fn ct_reply_key(fwd: &CtKey, backend: [u8; 16], bport: u16, hairpin: bool) -> CtKey {
+    CtKey {
+        saddr: backend,
+        daddr: if hairpin { fwd.daddr } else { fwd.saddr },
+        sport: bport,
+        dport: fwd.sport,
+        proto: fwd.proto,
+        _pad: [0; 3],
+    }
+}
+
 /// The forward key a reply entry belongs to.
 #[inline(always)]
 #[must_use]

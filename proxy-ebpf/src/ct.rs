@@ -5,7 +5,8 @@
 //! entry can never rewrite a packet of another flow.
 use proxy_common::{
     CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_FIN_FWD, CT_F_FIN_REV, CT_F_HAIRPIN, CT_F_REPLY, CT_F_SEEN_REPLY,
-    CT_F_SYN_SEEN, CT_REFRESH_NS, CtKey, CtValue, Stat, ct_done, ct_forward_key_of_reply, ct_lifetime_ns, v4_mapped,
+    CT_F_SYN_SEEN, CT_REFRESH_NS, CtKey, CtValue, Stat, ct_done, ct_forward_key_of_reply, ct_lifetime_ns, ct_reply_key,
+    v4_mapped,
 };
 
 use crate::{
@@ -115,7 +116,7 @@ pub fn forward_lookup(pkt: &Packet, now: u64) -> Option<CtValue> {
 /// reply entry up refreshes it; a missing one is written again.
 #[inline(always)]
 fn keep_reply(pkt: &Packet, v: &CtValue) {
-    let rkey = reply_key(pkt, v.nat_addr, v.nat_port, v.flags & CT_F_HAIRPIN);
+    let rkey = ct_reply_key(&key_of(pkt), v.nat_addr, v.nat_port, v.flags & CT_F_HAIRPIN != 0);
     if ct_get(&rkey).is_some() {
         return;
     }
@@ -130,21 +131,6 @@ fn keep_reply(pkt: &Packet, v: &CtValue) {
         _pad2: 0,
     };
     let _ = ct_insert(&rkey, &rev);
-}
-
-/// The reply key of the flow `pkt` (client -> frontend) opened to a backend.
-#[inline(always)]
-fn reply_key(pkt: &Packet, backend: [u8; 16], bport: u16, hairpin: u8) -> CtKey {
-    CtKey {
-        saddr: backend,
-        // A hairpin reply is addressed to the frontend (the forward packet's
-        // source was rewritten to it); an ordinary one to the client.
-        daddr: if hairpin != 0 { v4_mapped(pkt.daddr) } else { v4_mapped(pkt.saddr) },
-        sport: bport,
-        dport: pkt.sport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    }
 }
 
 /// Records a new flow from `pkt`'s client to a backend. Returns the hairpin
@@ -164,7 +150,7 @@ pub fn create(pkt: &Packet, svc_id: u32, backend_id: u32, baddr: [u8; 4], bport:
         svc_id,
         _pad2: 0,
     };
-    let rev_key = reply_key(pkt, v4_mapped(baddr), bport, hairpin);
+    let rev_key = ct_reply_key(&fwd_key, v4_mapped(baddr), bport, hairpin != 0);
     let rev = CtValue {
         nat_addr: fwd_key.daddr,
         nat_port: pkt.dport,

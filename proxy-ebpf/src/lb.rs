@@ -71,7 +71,7 @@ pub fn forward<const L3: usize>(
         count(Stat::RejectNoBackend);
         return Ok(reject::port_unreachable::<L3>(ctx, pkt));
     }
-    let Some(backend_id) = select_backend(key, value, pkt, now) else {
+    let Some(backend_id) = select_backend(key, value, v4_mapped(pkt.saddr), || flow_hash(pkt), now) else {
         count(Stat::DropBackendMissing);
         return Ok(TC_ACT_SHOT);
     };
@@ -132,14 +132,22 @@ fn flow_hash(pkt: &Packet) -> u32 {
     h ^ (h >> 16)
 }
 
-/// Picks a backend id for a new flow: the client's affine backend while the
-/// affinity is fresh and the backend is still one of this frontend's,
-/// otherwise by the frontend's Maglev table (the same flow lands on the same
-/// backend while the backend set is unchanged), otherwise a random slot.
+/// Picks a backend id for a new flow of `client` (the affinity key: an
+/// address on the TC path, a network namespace at the socket): the client's
+/// affine backend while the affinity is fresh and the backend is still one
+/// of this frontend's, otherwise by the frontend's Maglev table indexed by
+/// `hash` (the same flow lands on the same backend while the backend set is
+/// unchanged), otherwise a random slot. Shared by the TC and socket paths.
 #[inline(always)]
-fn select_backend(key: &ServiceKey, svc: &ServiceValue, pkt: &Packet, now: u64) -> Option<u32> {
+pub fn select_backend(
+    key: &ServiceKey,
+    svc: &ServiceValue,
+    client: [u8; 16],
+    hash: impl FnOnce() -> u32,
+    now: u64,
+) -> Option<u32> {
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
-    let akey = AffinityKey { client: v4_mapped(pkt.saddr), svc_id: affinity_group(svc) };
+    let akey = AffinityKey { client, svc_id: affinity_group(svc) };
     if affinity {
         // SAFETY: copied out at once.
         if let Some(a) = unsafe { AFFINITY.get(&akey) }.copied() {
@@ -152,7 +160,7 @@ fn select_backend(key: &ServiceKey, svc: &ServiceValue, pkt: &Packet, now: u64) 
             }
         }
     }
-    let id = pick(key, svc, pkt)?;
+    let id = pick(key, svc, hash)?;
     if affinity {
         let v = AffinityValue { backend_id: id, _pad: 0, last_used_ns: now };
         let _ = AFFINITY.insert(&akey, &v, 0);
@@ -161,11 +169,11 @@ fn select_backend(key: &ServiceKey, svc: &ServiceValue, pkt: &Packet, now: u64) 
 }
 
 #[inline(always)]
-fn pick(key: &ServiceKey, svc: &ServiceValue, pkt: &Packet) -> Option<u32> {
+fn pick(key: &ServiceKey, svc: &ServiceValue, hash: impl FnOnce() -> u32) -> Option<u32> {
     if svc.flags & SVC_F_MAGLEV != 0
         && let Some(table) = MAGLEV.get_ptr(&svc.svc_id)
     {
-        let idx = (flow_hash(pkt) % MAGLEV_M as u32) as usize;
+        let idx = (hash() % MAGLEV_M as u32) as usize;
         // LLVM knows the remainder is in range and drops the check below;
         // the verifier does not know it. Hide the value from LLVM.
         // SAFETY: volatile read of a local.

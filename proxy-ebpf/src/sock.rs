@@ -13,18 +13,17 @@
 //! server pod leaves); a connected UDP socket of the host namespace is
 //! translated here and keeps its backend until it reconnects.
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_M, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_DROP_EMPTY,
-    SVC_F_MAGLEV, affinity_group,
-    ServiceKey, ServiceValue, SockRevKey, SockRevValue, Stat, VIP_F_CLUSTER_IP, VIP_F_NODE, v4_mapped, v4_of_mapped,
+    IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_DROP_EMPTY, ServiceKey, SockRevKey, SockRevValue, Stat,
+    VIP_F_CLUSTER_IP, VIP_F_NODE, v4_mapped, v4_of_mapped,
 };
 
 use crate::{
-    lb::lookup_vip,
-    maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, SOCK_REV, count, is_member},
+    lb::{lookup_vip, select_backend},
+    maps::{BACKENDS, SERVICES, SOCK_REV, count},
 };
 
 /// 1: translate only sockets of the host network namespace (set at load).
@@ -46,13 +45,6 @@ pub enum Hook {
     Sendmsg,
 }
 
-#[inline(always)]
-fn host_netns(ctx: &SockAddrContext) -> bool {
-    // SAFETY: helper on our own context; the global is read once.
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    cookie == unsafe { core::ptr::read_volatile(&raw const KP_HOST_NETNS_COOKIE) }
-}
-
 /// A hash of the socket (and the frontend), the same for every call on it.
 #[inline(always)]
 fn sock_hash(cookie: u64, key: &ServiceKey) -> u32 {
@@ -62,56 +54,6 @@ fn sock_hash(cookie: u64, key: &ServiceKey) -> u32 {
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^ (h >> 16)
-}
-
-/// Backend for a new connection or datagram: the affine one while it is a
-/// member of this frontend, else by the Maglev table (hashing the socket),
-/// else a random slot. The affinity key of a socket is its network
-/// namespace (a pod), the source address not being known yet at connect().
-#[inline(always)]
-fn select(ctx: &SockAddrContext, key: &ServiceKey, svc: &ServiceValue, cookie: u64, now: u64) -> Option<u32> {
-    let affinity = svc.flags & SVC_F_AFFINITY != 0;
-    let mut client = [0xffu8; 16];
-    // SAFETY: helper on our own context.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    client[..8].copy_from_slice(&netns.to_ne_bytes());
-    let akey = AffinityKey { client, svc_id: affinity_group(svc) };
-    if affinity {
-        // SAFETY: copied out at once.
-        if let Some(a) = unsafe { AFFINITY.get(&akey) }.copied() {
-            let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
-            if now.wrapping_sub(a.last_used_ns) < timeout_ns && is_member(svc.svc_id, a.backend_id) {
-                count(Stat::AffinityHit);
-                let _ = AFFINITY.insert(&akey, &AffinityValue { backend_id: a.backend_id, _pad: 0, last_used_ns: now }, 0);
-                return Some(a.backend_id);
-            }
-        }
-    }
-    let mut id = 0;
-    if svc.flags & SVC_F_MAGLEV != 0
-        && let Some(table) = MAGLEV.get_ptr(&svc.svc_id)
-    {
-        let idx = (sock_hash(cookie, key) % MAGLEV_M as u32) as usize;
-        // SAFETY: volatile read of a local (keeps the bound check for the verifier).
-        let idx = unsafe { core::ptr::read_volatile(&raw const idx) };
-        if idx < MAGLEV_M {
-            // SAFETY: idx is bounded by the table length just above.
-            id = unsafe { (*table).backend_ids[idx] };
-        }
-    }
-    if id == 0 {
-        let n = u32::from(svc.count);
-        if n == 0 {
-            return None;
-        }
-        let slot = (unsafe { bpf_get_prandom_u32() } % n) as u16 + 1;
-        // SAFETY: copied out at once.
-        id = unsafe { SERVICES.get(&ServiceKey { slot, ..*key }) }?.backend_id;
-    }
-    if affinity {
-        let _ = AFFINITY.insert(&akey, &AffinityValue { backend_id: id, _pad: 0, last_used_ns: now }, 0);
-    }
-    Some(id)
 }
 
 /// connect4 / sendmsg4: a destination that is a Service frontend becomes a
@@ -128,7 +70,9 @@ pub fn translate(ctx: &SockAddrContext, hook: Hook) -> i32 {
     }
     let daddr = ip.to_ne_bytes();
     let Some(vip) = lookup_vip(daddr) else { return ALLOW };
-    let host = host_netns(ctx);
+    // SAFETY: helper on our own context; the global is read once.
+    let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
+    let host = netns == unsafe { core::ptr::read_volatile(&raw const KP_HOST_NETNS_COOKIE) };
     if !host && unsafe { core::ptr::read_volatile(&raw const KP_SOCK_HOST_ONLY) } != 0 {
         count(Stat::SockSkipNetns);
         return ALLOW;
@@ -163,7 +107,11 @@ pub fn translate(ctx: &SockAddrContext, hook: Hook) -> i32 {
     // SAFETY: helpers on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    let Some(backend_id) = select(ctx, &key, &svc, cookie, now) else { return ALLOW };
+    // The affinity key of a socket is its network namespace (a pod): the
+    // source address is not known yet at connect().
+    let mut client = [0xffu8; 16];
+    client[..8].copy_from_slice(&netns.to_ne_bytes());
+    let Some(backend_id) = select_backend(&key, &svc, client, || sock_hash(cookie, &key), now) else { return ALLOW };
     // SAFETY: copied out at once.
     let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }).copied() else { return ALLOW };
     let Some(baddr) = v4_of_mapped(&backend.addr) else { return ALLOW };
