@@ -33,6 +33,9 @@ pub struct AgentConfig {
     pub node_ips: Vec<IpAddr>,
     /// Choose backends by Maglev tables (consistent) instead of at random.
     pub maglev: bool,
+    /// `--nodeport-addresses`: NodePorts on the local IPv4 addresses in
+    /// these prefixes instead of the Node's primary addresses (empty).
+    pub nodeport_cidrs: Vec<(std::net::Ipv4Addr, u8)>,
 }
 
 /// An interface whose attach failed, retried with backoff.
@@ -58,6 +61,87 @@ pub struct Agent {
     last_skipped: BTreeSet<Skip>,
     last_failed: BTreeSet<(String, String)>,
     cache: translate::TranslationCache,
+    /// This network namespace's IPv4 addresses (for `--nodeport-addresses`),
+    /// refreshed with the interfaces.
+    local_addrs: Vec<std::net::Ipv4Addr>,
+    /// The SNAT address last written to the datapath.
+    snat: Option<Option<std::net::Ipv4Addr>>,
+}
+
+/// Whether `ip` lies in `net/len`.
+fn in_prefix(ip: std::net::Ipv4Addr, (net, len): (std::net::Ipv4Addr, u8)) -> bool {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
+/// Parses `--nodeport-addresses` (CIDRs; `primary` or nothing: the Node's
+/// primary addresses).
+pub fn parse_nodeport_cidrs(list: &[String]) -> anyhow::Result<Vec<(std::net::Ipv4Addr, u8)>> {
+    let mut out = Vec::new();
+    for s in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty() && *s != "primary") {
+        let (ip, len) = s.split_once('/').ok_or_else(|| anyhow::anyhow!("--nodeport-addresses: {s:?} is not a CIDR (a.b.c.d/n)"))?;
+        if ip.contains(':') {
+            tracing::warn!(cidr = s, "--nodeport-addresses: IPv6 is not supported by the datapath yet; ignored");
+            continue;
+        }
+        let ip: std::net::Ipv4Addr = ip.parse().with_context(|| format!("--nodeport-addresses: {s:?}"))?;
+        let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| anyhow::anyhow!("--nodeport-addresses: bad prefix length in {s:?}"))?;
+        out.push((ip, len));
+    }
+    Ok(out)
+}
+
+/// This network namespace's IPv4 addresses (getifaddrs).
+fn local_ipv4_addrs() -> Vec<std::net::Ipv4Addr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free below; we only read it.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        return out;
+    }
+    let mut p = head;
+    while !p.is_null() {
+        // SAFETY: p walks the list getifaddrs returned.
+        let ifa = unsafe { &*p };
+        if !ifa.ifa_addr.is_null() && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET {
+            // SAFETY: an AF_INET address is a sockaddr_in.
+            let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+            out.push(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+        }
+        p = ifa.ifa_next;
+    }
+    // SAFETY: the list came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Reserves the SNAT ports in `net.ipv4.ip_local_reserved_ports`, so the
+/// node's own sockets never bind one implicitly; warns when the ephemeral
+/// range overlaps it.
+fn reserve_snat_ports((min, max): (u16, u16)) {
+    let path = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let range = format!("{min}-{max}");
+    match std::fs::read_to_string(path) {
+        Ok(cur) if cur.split(',').any(|r| r.trim() == range || (min == max && r.trim() == min.to_string())) => {}
+        Ok(cur) => {
+            let new = if cur.trim().is_empty() { range.clone() } else { format!("{},{range}", cur.trim()) };
+            if let Err(e) = std::fs::write(path, &new) {
+                tracing::warn!(error = %e, ports = %range, "cannot reserve the SNAT ports in {path}; the node's own connections might pick one");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read {path}"),
+    }
+    if let Ok(r) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
+        let v: Vec<u16> = r.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        if let [lo, hi] = v[..]
+            && lo <= max
+            && hi >= min
+        {
+            tracing::info!(ephemeral = %r.trim(), snat = %range, "the ephemeral port range overlaps the SNAT ports (they are reserved, so connect() skips them)");
+        }
+    }
 }
 
 /// This node's translation inputs: the Node object when there is one,
@@ -90,6 +174,7 @@ impl Agent {
         let mut engine = SyncEngine::adopt(maps)?;
         engine.set_maglev(cfg.maglev);
         let mut datapath = datapath;
+        reserve_snat_ports(cfg.datapath.snat_ports);
         if let Some(root) = datapath.attach_sockets().context("attaching the socket programs (--socket-lb)")? {
             tracing::info!(cgroup = %root.display(), mode = ?cfg.datapath.socket_lb, "socket-level load balancing on");
         }
@@ -108,6 +193,8 @@ impl Agent {
             last_skipped: BTreeSet::new(),
             last_failed: BTreeSet::new(),
             cache: translate::TranslationCache::default(),
+            local_addrs: local_ipv4_addrs(),
+            snat: None,
         })
     }
 
@@ -115,6 +202,7 @@ impl Agent {
     /// interface not attached yet. Returns how many were attached.
     pub fn attach_interfaces(&mut self) -> anyhow::Result<usize> {
         let links = crate::ifaces::dump()?;
+        self.local_addrs = local_ipv4_addrs();
         Ok(self.on_link_event(LinkEvent::All(links)))
     }
 
@@ -160,6 +248,9 @@ impl Agent {
             };
             n += usize::from(self.try_attach(iface, Duration::from_millis(100)));
         }
+        if n > 0 {
+            self.local_addrs = local_ipv4_addrs();
+        }
         if self.attached.is_empty() && self.retry.is_empty() {
             tracing::warn!(patterns = ?self.cfg.interfaces, "no interface matches --interfaces; no traffic is translated");
         }
@@ -173,7 +264,8 @@ impl Agent {
     fn try_attach(&mut self, iface: Iface, backoff: Duration) -> bool {
         match self.datapath.attach(&iface) {
             Ok(()) => {
-                tracing::info!(iface = %iface.name, index = iface.index, kind = ?iface.kind, "attached");
+                let role = if self.datapath.is_external(&iface) { "external" } else { "pod" };
+                tracing::info!(iface = %iface.name, index = iface.index, kind = ?iface.kind, role, "attached");
                 self.retry.remove(&iface.index);
                 self.attached.insert(iface.index, iface);
                 true
@@ -232,7 +324,30 @@ impl Agent {
         {
             tracing::warn!(error = %e, "re-reading the maps for a full resync; syncing from the mirror");
         }
-        let node = node_info(&self.cfg, nodes);
+        let mut node = node_info(&self.cfg, nodes);
+        if !self.cfg.nodeport_cidrs.is_empty() {
+            // kube-proxy's --nodeport-addresses: the local addresses in
+            // these prefixes (the Node's primary address first, for SNAT).
+            let primary = node.snat_address();
+            let mut addrs: Vec<IpAddr> = self
+                .local_addrs
+                .iter()
+                .filter(|a| !a.is_loopback() && self.cfg.nodeport_cidrs.iter().any(|c| in_prefix(**a, *c)))
+                .map(|a| IpAddr::V4(*a))
+                .collect();
+            if let Some(p) = primary.filter(|p| self.local_addrs.contains(p)) {
+                addrs.retain(|a| *a != IpAddr::V4(p));
+                addrs.insert(0, IpAddr::V4(p));
+            }
+            node.addresses = addrs;
+        }
+        let snat = node.snat_address();
+        if self.snat != Some(snat) {
+            match self.datapath.set_node_config(snat) {
+                Ok(()) => self.snat = Some(snat),
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot write the node config (SNAT address)"),
+            }
+        }
         let desired = translate::translate_all_cached(services, slices, &node, &mut self.cache);
         // UDP flows of a backend that left a frontend move at their next
         // packet (the datapath checks membership); the collector removes
@@ -304,8 +419,12 @@ pub fn spawn_conntrack_gc(pin_dir: PathBuf, cfg: DatapathConfig, interval: Durat
                 let r = ct.collect(datapath::monotonic_ns());
                 metrics.set_map_fill(proxy_common::MAP_CT_TCP, r.tcp_entries as u64, u64::from(cfg.max_conntrack));
                 metrics.set_map_fill(proxy_common::MAP_CT_ANY, r.other_entries as u64, u64::from(cfg.max_conntrack_other));
-                metrics.ct_collected.fetch_add((r.expired + r.left_backend + r.orphans + r.sockets) as u64, Ordering::Relaxed);
-                if r.expired + r.left_backend + r.orphans > 0 {
+                metrics.set_map_fill(proxy_common::MAP_SNAT, r.snat_entries as u64, u64::from(cfg.max_snat));
+                metrics.ct_collected.fetch_add(
+                    (r.expired + r.left_backend + r.orphans + r.sockets + r.snat_collected) as u64,
+                    Ordering::Relaxed,
+                );
+                if r.expired + r.left_backend + r.orphans + r.snat_collected > 0 {
                     tracing::debug!(?r, "conntrack collected");
                 }
                 std::thread::sleep(interval);

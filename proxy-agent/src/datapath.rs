@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap as AyaHashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap as AyaHashMap, Map, MapData, PerCpuArray, lpm_trie::{Key as LpmKey, LpmTrie}},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -34,12 +34,17 @@ use aya::{
 };
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, Backend, CtKey, CtValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CT_ANY,
-    MAP_CT_TCP, MAP_MAGLEV, MAP_MEMBERS, MAP_META, MAP_SERVICES, MAP_STATS, MAP_VIPS, META_COUNT, MaglevTable,
-    MemberKey, PROG_TC_EGRESS, PROG_TC_EGRESS_L3, PROG_TC_INGRESS, PROG_TC_INGRESS_L3, RETIRED_MAPS, STAT_COUNT,
-    ServiceKey, ServiceValue, Stat, VipValue,
+    MAP_CONFIG, MAP_CT_TCP, MAP_MAGLEV, MAP_MEMBERS, MAP_META, MAP_SERVICES, MAP_SNAT, MAP_SRC_RANGES, MAP_STATS,
+    MAP_VIPS, META_COUNT, MaglevTable, MemberKey, NodeConfig, PROG_TC_EGRESS, PROG_TC_EGRESS_L3, PROG_TC_INGRESS,
+    PROG_TC_INGRESS_EXT, PROG_TC_INGRESS_EXT_L3, PROG_TC_INGRESS_L3, RETIRED_MAPS, STAT_COUNT, ServiceKey,
+    ServiceValue, SrcRange, Stat, VipValue,
 };
 
-use crate::sync::{MapError, MapOps};
+use crate::sync::{MapError, MapOps, RangeEntry};
+
+/// Every TC program, in load order.
+const TC_PROGRAMS: [&str; 6] =
+    [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_TC_INGRESS_L3, PROG_TC_EGRESS_L3, PROG_TC_INGRESS_EXT, PROG_TC_INGRESS_EXT_L3];
 
 /// The datapath object, built by build.rs and embedded in the binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -60,11 +65,20 @@ pub struct DatapathConfig {
     /// UDP and other conntrack capacity (two entries per flow).
     pub max_conntrack_other: u32,
     pub max_affinity: u32,
+    /// SNAT map capacity (one entry per SNATed flow).
+    pub max_snat: u32,
     /// Which sockets the cgroup programs translate.
     pub socket_lb: SocketLb,
     /// cgroup v2 directory the socket programs attach to (`None`: the root
     /// of the unified hierarchy, mounted when there is none).
     pub cgroup_root: Option<PathBuf>,
+    /// Names or `prefix*` patterns of the node's external interfaces
+    /// (uplinks): their clients are outside the cluster, and their flows to
+    /// backends on other nodes are SNATed. Every other attached interface
+    /// is a pod's (or the CNI's).
+    pub external_interfaces: Vec<String>,
+    /// SNAT port range (first, last).
+    pub snat_ports: (u16, u16),
 }
 
 /// Socket-level load balancing (`--socket-lb`).
@@ -102,10 +116,19 @@ impl Default for DatapathConfig {
             max_conntrack: proxy_common::DEFAULT_MAX_CT_TCP,
             max_conntrack_other: proxy_common::DEFAULT_MAX_CT_ANY,
             max_affinity: proxy_common::DEFAULT_MAX_AFFINITY,
+            max_snat: proxy_common::DEFAULT_MAX_SNAT,
             socket_lb: SocketLb::Off,
             cgroup_root: None,
+            external_interfaces: default_external_interfaces(),
+            snat_ports: (proxy_common::DEFAULT_SNAT_PORT_MIN, proxy_common::DEFAULT_SNAT_PORT_MAX),
         }
     }
+}
+
+/// `--external-interfaces` default: the usual names of a node's uplinks.
+#[must_use]
+pub fn default_external_interfaces() -> Vec<String> {
+    ["eth*", "en*", "bond*"].map(String::from).to_vec()
 }
 
 impl DatapathConfig {
@@ -115,7 +138,7 @@ impl DatapathConfig {
     }
 
     /// Capacity of each map whose size is configurable.
-    fn sizes(&self) -> [(&'static str, u32); 7] {
+    fn sizes(&self) -> [(&'static str, u32); 8] {
         [
             (MAP_SERVICES, self.max_services),
             (MAP_MEMBERS, self.max_services),
@@ -124,6 +147,7 @@ impl DatapathConfig {
             (MAP_CT_TCP, self.max_conntrack),
             (MAP_CT_ANY, self.max_conntrack_other),
             (MAP_AFFINITY, self.max_affinity),
+            (MAP_SNAT, self.max_snat),
         ]
     }
 }
@@ -185,6 +209,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     cfg: DatapathConfig,
     migrations: Vec<Migration>,
+    /// The tail-call map (kept open with the programs that use it).
+    _calls: aya::maps::ProgramArray<MapData>,
 }
 
 /// A second handle on a pinned map, typed.
@@ -219,6 +245,7 @@ fn copy_entries(name: &str, old: &MapData, new: Option<&mut Map>, flags: u64) ->
         MAP_BACKENDS => copy_typed::<u32, Backend>(old, new, flags),
         MAP_CT_TCP | MAP_CT_ANY => copy_typed::<CtKey, CtValue>(old, new, flags),
         MAP_AFFINITY => copy_typed::<AffinityKey, AffinityValue>(old, new, flags),
+        MAP_SNAT => copy_typed::<CtKey, CtKey>(old, new, flags),
         other => bail!("map {other} cannot be migrated"),
     }
 }
@@ -300,12 +327,25 @@ impl Datapath {
             let n = copy_entries(m.name, &m.old, Some(new), 0).with_context(|| format!("copying the entries of {}", m.name))?;
             tracing::info!(map = m.name, entries = n, "entries migrated");
         }
-        for name in [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_TC_INGRESS_L3, PROG_TC_EGRESS_L3] {
+        for name in TC_PROGRAMS.into_iter().chain(proxy_common::PROG_TC_NEW_FLOW) {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
                 .try_into()?;
             prog.load().with_context(|| format!("the verifier rejected the TC program {name}"))?;
+        }
+        // The tail calls, before any ingress program can run.
+        let mut calls: aya::maps::ProgramArray<MapData> = aya::maps::ProgramArray::try_from(
+            ebpf.take_map(proxy_common::MAP_CALLS).ok_or_else(|| anyhow!("map {} missing", proxy_common::MAP_CALLS))?,
+        )?;
+        // (Taken out of `ebpf`, the map stays pinned and referenced by the programs.)
+        for (i, name) in proxy_common::PROG_TC_NEW_FLOW.iter().enumerate() {
+            let prog: &SchedClassifier =
+                ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
+            let fd = prog.fd()?;
+            calls
+                .set(proxy_common::CALL_NEW_FLOW + i as u32, fd, 0)
+                .with_context(|| format!("filling the tail-call map with {name}"))?;
         }
         for name in proxy_common::SOCK_PROGRAMS {
             if cfg.socket_lb == SocketLb::Off {
@@ -324,7 +364,7 @@ impl Datapath {
             let _ = fs::remove_file(pin_dir.join(old));
         }
         ensure_meta(&pin_dir)?;
-        Ok(Self { ebpf, cfg: cfg.clone(), migrations })
+        Ok(Self { ebpf, cfg: cfg.clone(), migrations, _calls: calls })
     }
 
     /// Once the new programs are attached everywhere: copies the conntrack
@@ -332,7 +372,7 @@ impl Datapath {
     /// maps go.
     pub fn finish_migration(&mut self) {
         for m in std::mem::take(&mut self.migrations) {
-            if m.name != MAP_CT_TCP && m.name != MAP_CT_ANY {
+            if m.name != MAP_CT_TCP && m.name != MAP_CT_ANY && m.name != MAP_SNAT {
                 continue;
             }
             if let Some(new) = self.ebpf.map_mut(m.name) {
@@ -342,6 +382,30 @@ impl Datapath {
                 }
             }
         }
+    }
+
+    /// Whether `iface` is one of the node's external interfaces.
+    #[must_use]
+    pub fn is_external(&self, iface: &Iface) -> bool {
+        matches_patterns(&iface.name, &self.cfg.external_interfaces)
+    }
+
+    /// Writes the node-wide settings: the SNAT address (`None`: no SNAT,
+    /// remote backends of external flows are only DNATed) and port range.
+    pub fn set_node_config(&mut self, snat: Option<std::net::Ipv4Addr>) -> anyhow::Result<()> {
+        let mut arr: Array<&mut MapData, NodeConfig> =
+            Array::try_from(self.ebpf.map_mut(MAP_CONFIG).ok_or_else(|| anyhow!("map {MAP_CONFIG} missing"))?)?;
+        let cfg = NodeConfig {
+            snat_addr: snat.map_or([0; 16], |a| proxy_common::v4_mapped(a.octets())),
+            snat_port_min: self.cfg.snat_ports.0,
+            snat_port_max: self.cfg.snat_ports.1,
+            _pad: 0,
+        };
+        if arr.get(&0, 0).ok() != Some(cfg) {
+            arr.set(0, cfg, 0).context("writing the node config map")?;
+            tracing::info!(snat_address = ?snat, ports = ?self.cfg.snat_ports, "SNAT for external flows to remote backends");
+        }
+        Ok(())
     }
 
     fn program_named(&mut self, name: &str) -> anyhow::Result<&mut SchedClassifier> {
@@ -377,9 +441,12 @@ impl Datapath {
     /// and links pinned by a previous agent for the same interface are
     /// updated in place, atomically.
     pub fn attach(&mut self, iface: &Iface) -> anyhow::Result<()> {
-        let (ing, eg) = match iface.kind {
-            DeviceKind::Ethernet => (PROG_TC_INGRESS, PROG_TC_EGRESS),
-            DeviceKind::L3 => (PROG_TC_INGRESS_L3, PROG_TC_EGRESS_L3),
+        let external = self.is_external(iface);
+        let (ing, eg) = match (iface.kind, external) {
+            (DeviceKind::Ethernet, false) => (PROG_TC_INGRESS, PROG_TC_EGRESS),
+            (DeviceKind::L3, false) => (PROG_TC_INGRESS_L3, PROG_TC_EGRESS_L3),
+            (DeviceKind::Ethernet, true) => (PROG_TC_INGRESS_EXT, PROG_TC_EGRESS),
+            (DeviceKind::L3, true) => (PROG_TC_INGRESS_EXT_L3, PROG_TC_EGRESS_L3),
         };
         let [pin_in, pin_eg] = link_pin_names(iface);
         self.attach_one(iface, ing, TcAttachType::Ingress, pin_in, LinkOrder::first())?;
@@ -405,7 +472,7 @@ impl Datapath {
                     tracing::debug!(iface = ifname, error = %e, "clsact qdisc");
                 }
             }
-            for old in [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_TC_INGRESS_L3, PROG_TC_EGRESS_L3] {
+            for old in TC_PROGRAMS {
                 let _ = tc::qdisc_detach_program(ifname, dir, old);
             }
             let id = prog
@@ -666,6 +733,7 @@ pub struct PinnedMaps {
     maglev: AyaHashMap<MapData, u32, MaglevTable>,
     vips: AyaHashMap<MapData, [u8; 16], VipValue>,
     meta: Array<MapData, u64>,
+    ranges: LpmTrie<MapData, SrcRange, u32>,
 }
 
 impl PinnedMaps {
@@ -677,6 +745,7 @@ impl PinnedMaps {
             maglev: AyaHashMap::try_from(open_pinned(pin_dir, MAP_MAGLEV)?)?,
             vips: AyaHashMap::try_from(open_pinned(pin_dir, MAP_VIPS)?)?,
             meta: Array::try_from(open_pinned(pin_dir, MAP_META)?)?,
+            ranges: LpmTrie::try_from(open_pinned(pin_dir, MAP_SRC_RANGES)?)?,
         })
     }
 }
@@ -747,6 +816,26 @@ impl MapOps for PinnedMaps {
     fn put_meta(&mut self, slot: u32, value: u64) -> Result<(), MapError> {
         self.meta.set(slot, value, 0).map_err(|e| map_err(MAP_META, e))
     }
+    fn src_ranges(&self) -> Result<Vec<(u32, RangeEntry)>, MapError> {
+        self.ranges
+            .keys()
+            .map(|r| {
+                r.map(|k| {
+                    let d = k.data();
+                    (u32::from_be_bytes(d.svc_id), (d.addr, k.prefix_len()))
+                })
+                .map_err(|e| map_err(MAP_SRC_RANGES, e))
+            })
+            .collect()
+    }
+    fn put_src_range(&mut self, svc_id: u32, (addr, len): RangeEntry) -> Result<(), MapError> {
+        let key = LpmKey::new(len, SrcRange { svc_id: svc_id.to_be_bytes(), addr });
+        self.ranges.insert(&key, 1, 0).map_err(|e| map_err(MAP_SRC_RANGES, e))
+    }
+    fn del_src_range(&mut self, svc_id: u32, (addr, len): RangeEntry) -> Result<(), MapError> {
+        let key = LpmKey::new(len, SrcRange { svc_id: svc_id.to_be_bytes(), addr });
+        removed(MAP_SRC_RANGES, self.ranges.remove(&key))
+    }
 }
 
 /// Datapath counters summed over CPUs, by name.
@@ -765,6 +854,11 @@ pub struct Conntrack {
     maps: [(&'static str, AyaHashMap<MapData, CtKey, CtValue>); 2],
     members: AyaHashMap<MapData, MemberKey, u32>,
     sock_rev: AyaHashMap<MapData, proxy_common::SockRevKey, proxy_common::SockRevValue>,
+    snat: AyaHashMap<MapData, CtKey, CtKey>,
+    /// SNAT entries without a live flow at the last pass: removed when
+    /// still so at the next (the datapath claims the port just before it
+    /// writes the flow).
+    snat_suspects: std::collections::HashSet<CtKey>,
 }
 
 /// What one collector pass did.
@@ -781,6 +875,9 @@ pub struct GcReport {
     pub orphans: usize,
     /// Socket reverse entries of backends that left their frontend.
     pub sockets: usize,
+    /// SNAT entries left, and removed (their flow is gone).
+    pub snat_entries: usize,
+    pub snat_collected: usize,
 }
 
 /// Reply entries younger than this are never orphans: the datapath writes
@@ -805,7 +902,36 @@ impl Conntrack {
             ],
             members: AyaHashMap::try_from(open_pinned(pin_dir, MAP_MEMBERS)?)?,
             sock_rev: AyaHashMap::try_from(open_pinned(pin_dir, proxy_common::MAP_SOCK_REV)?)?,
+            snat: AyaHashMap::try_from(open_pinned(pin_dir, MAP_SNAT)?)?,
+            snat_suspects: std::collections::HashSet::new(),
         })
+    }
+
+    /// SNAT entries whose flow is gone (no forward entry, expired, or one
+    /// that no longer uses this port): removed once seen so at two passes
+    /// in a row. Returns (entries left, removed).
+    pub fn collect_snat(&mut self, now: u64) -> (usize, usize) {
+        let all: Vec<(CtKey, CtKey)> = self.snat.iter().filter_map(Result::ok).collect();
+        let mut suspects = std::collections::HashSet::new();
+        for (skey, fkey) in &all {
+            let i = usize::from(fkey.proto != proxy_common::IPPROTO_TCP);
+            let live = self.maps[i].1.get(fkey, 0).is_ok_and(|f| {
+                f.flags & proxy_common::CT_F_REPLY == 0
+                    && f.snat_port == skey.dport
+                    && now.saturating_sub(f.last_seen_ns) <= proxy_common::ct_lifetime_ns(fkey.proto, f.flags)
+            });
+            if !live {
+                suspects.insert(*skey);
+            }
+        }
+        let mut removed = 0;
+        for k in suspects.intersection(&self.snat_suspects) {
+            if self.snat.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        self.snat_suspects = suspects.into_iter().filter(|k| !self.snat_suspects.contains(k)).collect();
+        (all.len() - removed, removed)
     }
 
     /// Socket reverse entries of backends that left their frontend (the
@@ -893,6 +1019,7 @@ impl Conntrack {
             }
         }
         r.sockets = self.collect_sockets();
+        (r.snat_entries, r.snat_collected) = self.collect_snat(now);
         r
     }
 }

@@ -40,6 +40,13 @@ struct Cli {
     #[arg(long, env = "KPROXY_NODE_IPS", value_delimiter = ',')]
     node_ips: Vec<IpAddr>,
 
+    /// NodePort addresses, as kube-proxy's --nodeport-addresses: CIDRs
+    /// (comma-separated) selecting this node's local addresses, e.g.
+    /// `0.0.0.0/0` for every one; `primary` (the default): the Node's
+    /// InternalIP/ExternalIP and --node-ips.
+    #[arg(long, env = "KPROXY_NODEPORT_ADDRESSES", value_delimiter = ',', default_value = "primary")]
+    nodeport_addresses: Vec<String>,
+
     /// Interfaces to attach to: names or `prefix*` patterns, comma-separated.
     /// New matching interfaces are attached as they appear.
     #[arg(long, env = "KPROXY_INTERFACES", value_delimiter = ',', default_value = "eth0")]
@@ -120,6 +127,30 @@ struct DpArgs {
     /// unified hierarchy, mounted when there is none).
     #[arg(global = true, long, env = "KPROXY_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
+    /// The node's external interfaces (uplinks), names or `prefix*`
+    /// patterns, comma-separated: their clients are outside the cluster
+    /// (externalTrafficPolicy applies), and their flows to backends on
+    /// other nodes are SNATed to the node. Other attached interfaces are pods'.
+    #[arg(global = true, long, env = "KPROXY_EXTERNAL_INTERFACES", value_delimiter = ',', default_value = "eth*,en*,bond*")]
+    external_interfaces: Vec<String>,
+    /// SNAT ports for external flows to remote backends, `FIRST-LAST`
+    /// (reserved in net.ipv4.ip_local_reserved_ports).
+    #[arg(global = true, long, env = "KPROXY_SNAT_PORT_RANGE", default_value = "61000-65535", value_parser = parse_port_range)]
+    snat_port_range: (u16, u16),
+    /// Capacity of the SNAT map (one entry per SNATed flow; when full, new
+    /// SNATed flows are dropped, others keep working).
+    #[arg(global = true, long, env = "KPROXY_MAX_SNAT", default_value_t = proxy_common::DEFAULT_MAX_SNAT)]
+    max_snat: u32,
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?} is not FIRST-LAST"))?;
+    let a: u16 = a.trim().parse().map_err(|_| format!("bad first port in {s:?}"))?;
+    let b: u16 = b.trim().parse().map_err(|_| format!("bad last port in {s:?}"))?;
+    if a == 0 || b < a {
+        return Err(format!("{s:?}: need 1 <= FIRST <= LAST"));
+    }
+    Ok((a, b))
 }
 
 impl DpArgs {
@@ -133,6 +164,9 @@ impl DpArgs {
             max_conntrack_other: self.max_conntrack_other,
             socket_lb: self.socket_lb,
             cgroup_root: self.cgroup_root.clone(),
+            external_interfaces: self.external_interfaces.clone(),
+            snat_ports: self.snat_port_range,
+            max_snat: self.max_snat,
             ..DatapathConfig::default()
         }
     }
@@ -190,6 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         node_name,
         node_ips: cli.node_ips.clone(),
         maglev: cli.lb_algorithm == "maglev",
+        nodeport_cidrs: proxy_agent::agent::parse_nodeport_cidrs(&cli.nodeport_addresses)?,
     };
     let metrics = Arc::new(Metrics::default());
     let pin_dir = cfg.datapath.pin_dir();

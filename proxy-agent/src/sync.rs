@@ -20,11 +20,16 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use proxy_common::{
-    Backend, META_NEXT_BACKEND_ID, META_NEXT_SVC_ID, MaglevTable, MemberKey, SCOPE_EXTERNAL, SVC_F_AFFINITY,
-    SVC_F_DROP_EMPTY, SVC_F_MAGLEV, ServiceKey, ServiceValue, VipValue, v4_mapped,
+    BACKEND_F_LOCAL, Backend, META_NEXT_BACKEND_ID, META_NEXT_SVC_ID, MaglevTable, MemberKey, SVC_F_AFFINITY,
+    SVC_F_DROP_EMPTY, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue, VipValue,
+    src_range_prefix_v4, v4_mapped,
 };
 
 use crate::translate::{BackendAddr, Desired, Frontend, FrontendAddr};
+
+/// A source range as the LPM map holds it: (IPv4-mapped prefix, prefix
+/// length in bits of the whole key data, frontend id included).
+pub type RangeEntry = ([u8; 16], u32);
 
 /// Ids are reserved in blocks, so the meta map is written once per block.
 const ID_BLOCK: u32 = 1024;
@@ -59,6 +64,10 @@ pub trait MapOps {
     fn del_vip(&mut self, addr: [u8; 16]) -> Result<(), MapError>;
     fn meta(&self, slot: u32) -> Result<u64, MapError>;
     fn put_meta(&mut self, slot: u32, value: u64) -> Result<(), MapError>;
+    /// Source ranges of every frontend: (frontend id, range).
+    fn src_ranges(&self) -> Result<Vec<(u32, RangeEntry)>, MapError>;
+    fn put_src_range(&mut self, svc_id: u32, range: RangeEntry) -> Result<(), MapError>;
+    fn del_src_range(&mut self, svc_id: u32, range: RangeEntry) -> Result<(), MapError>;
 }
 
 /// What a frontend looks like in the maps.
@@ -72,6 +81,8 @@ struct Programmed {
     members: BTreeSet<u32>,
     /// Backend ids the programmed Maglev table was computed from.
     maglev: Option<Vec<u32>>,
+    /// Source ranges in the LPM map for this frontend.
+    ranges: BTreeSet<RangeEntry>,
 }
 
 /// Outcome of one sync.
@@ -130,10 +141,19 @@ pub fn frontend_key(addr: &FrontendAddr) -> ServiceKey {
         addr: ip16(addr.ip),
         port: addr.port,
         proto: addr.proto.number(),
-        scope: SCOPE_EXTERNAL,
+        scope: addr.scope.number(),
         slot: 0,
         _pad: 0,
     }
+}
+
+/// The LPM entries of a frontend's source ranges.
+fn range_entries(fe: &Frontend) -> BTreeSet<RangeEntry> {
+    fe.source_ranges
+        .iter()
+        .flatten()
+        .map(|r| (v4_mapped(r.ip.octets()), src_range_prefix_v4(r.len)))
+        .collect()
 }
 
 fn ip16(ip: std::net::IpAddr) -> [u8; 16] {
@@ -144,7 +164,7 @@ fn ip16(ip: std::net::IpAddr) -> [u8; 16] {
 }
 
 fn backend_value(b: &BackendAddr, proto: u8) -> Backend {
-    Backend { addr: ip16(b.ip), port: b.port, proto, flags: 0 }
+    Backend { addr: ip16(b.ip), port: b.port, proto, flags: if b.local { BACKEND_F_LOCAL } else { 0 } }
 }
 
 /// What the maps hold, as the engine mirrors it.
@@ -154,6 +174,7 @@ struct State {
     vips: BTreeMap<[u8; 16], VipValue>,
     orphans: Vec<ServiceKey>,
     stale_members: Vec<MemberKey>,
+    stale_ranges: Vec<(u32, RangeEntry)>,
     max_svc_id: u32,
     max_backend_id: u32,
 }
@@ -182,12 +203,20 @@ fn read_state<M: MapOps>(maps: &M) -> Result<State, MapError> {
     }
     let by_svc: HashMap<u32, ServiceKey> = frontends.iter().map(|(k, p)| (p.value.svc_id, *k)).collect();
     let mut stale_members = Vec::new();
+    let mut stale_ranges = Vec::new();
     for m in maps.members()? {
         match by_svc.get(&m.svc_id).and_then(|k| frontends.get_mut(k)) {
             Some(p) => {
                 p.members.insert(m.backend_id);
             }
             None => stale_members.push(m),
+        }
+    }
+    for (svc_id, range) in maps.src_ranges()? {
+        if let Some(p) = by_svc.get(&svc_id).and_then(|k| frontends.get_mut(k)) {
+            p.ranges.insert(range);
+        } else {
+            stale_ranges.push((svc_id, range));
         }
     }
     for p in frontends.values_mut() {
@@ -198,7 +227,7 @@ fn read_state<M: MapOps>(maps: &M) -> Result<State, MapError> {
     let backends: BTreeMap<u32, Backend> = maps.backends()?.into_iter().collect();
     let max_backend_id = backends.keys().next_back().copied().unwrap_or(0);
     let vips = maps.vips()?.into_iter().collect();
-    Ok(State { frontends, backends, vips, orphans, stale_members, max_svc_id, max_backend_id })
+    Ok(State { frontends, backends, vips, orphans, stale_members, stale_ranges, max_svc_id, max_backend_id })
 }
 
 impl<M: MapOps> SyncEngine<M> {
@@ -258,6 +287,9 @@ impl<M: MapOps> SyncEngine<M> {
         }
         for m in st.stale_members {
             self.maps.del_member(m)?;
+        }
+        for (svc_id, r) in st.stale_ranges {
+            self.maps.del_src_range(svc_id, r)?;
         }
         Ok(())
     }
@@ -420,11 +452,14 @@ impl<M: MapOps> SyncEngine<M> {
             _ => self.svc_alloc.take(&mut self.maps)?,
         };
         let want_maglev = self.maglev && !ids.is_empty();
+        let ranges = range_entries(fe);
         let mut value = ServiceValue {
             backend_id: affinity_group,
             count: ids.len() as u16,
             flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 }
-                | if fe.drop_when_empty { SVC_F_DROP_EMPTY } else { 0 },
+                | if fe.drop_when_empty { SVC_F_DROP_EMPTY } else { 0 }
+                | if fe.two_scopes { SVC_F_TWO_SCOPES } else { 0 }
+                | if fe.source_ranges.is_some() { SVC_F_SOURCE_RANGES } else { 0 },
             svc_id,
             affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
         };
@@ -438,6 +473,7 @@ impl<M: MapOps> SyncEngine<M> {
                 && p.members.len() == ids.len()
                 && ids.iter().all(|id| p.members.contains(id))
                 && (!want_maglev || p.maglev.as_ref() == Some(&ids))
+                && p.ranges == ranges
         }) {
             return Ok(());
         }
@@ -456,6 +492,16 @@ impl<M: MapOps> SyncEngine<M> {
             }
             report.writes += 1;
             prog.members.insert(*id);
+        }
+        // New source ranges before the frontend can require them.
+        let new_ranges: Vec<RangeEntry> = ranges.difference(&prog.ranges).copied().collect();
+        for r in &new_ranges {
+            if let Err(e) = self.maps.put_src_range(svc_id, *r) {
+                self.store(key, prog, is_new);
+                return Err(e);
+            }
+            report.writes += 1;
+            prog.ranges.insert(*r);
         }
         // Then slots. Readers use the old count meanwhile; every slot they
         // can reach holds a backend that exists.
@@ -523,6 +569,15 @@ impl<M: MapOps> SyncEngine<M> {
             report.deletes += 1;
             prog.maglev = None;
         }
+        let old_ranges: Vec<RangeEntry> = prog.ranges.difference(&ranges).copied().collect();
+        for r in old_ranges {
+            if let Err(e) = self.maps.del_src_range(svc_id, r) {
+                self.frontends.insert(key, prog);
+                return Err(e);
+            }
+            report.deletes += 1;
+            prog.ranges.remove(&r);
+        }
         let keep: BTreeSet<u32> = ids.iter().copied().collect();
         let leaving: Vec<u32> = prog.members.difference(&keep).copied().collect();
         for id in leaving {
@@ -553,6 +608,9 @@ impl<M: MapOps> SyncEngine<M> {
         }
         for id in prog.members {
             let _ = self.maps.del_member(MemberKey { svc_id: prog.value.svc_id, backend_id: id });
+        }
+        for r in prog.ranges {
+            let _ = self.maps.del_src_range(prog.value.svc_id, r);
         }
     }
 
@@ -597,6 +655,14 @@ impl<M: MapOps> SyncEngine<M> {
                 }
             }
         }
+        for r in std::mem::take(&mut prog.ranges) {
+            match self.maps.del_src_range(svc_id, r) {
+                Ok(()) => report.deletes += 1,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
         first_err.map_or(Ok(()), Err)
     }
 }
@@ -612,6 +678,7 @@ pub struct MemMaps {
     pub maglev: BTreeMap<u32, Box<MaglevTable>>,
     pub vips: BTreeMap<[u8; 16], VipValue>,
     pub meta: BTreeMap<u32, u64>,
+    pub src_ranges: BTreeSet<(u32, RangeEntry)>,
     pub capacity_services: Option<usize>,
     pub capacity_backends: Option<usize>,
     /// Called after each write with the new state.
@@ -729,6 +796,19 @@ impl MapOps for MemMaps {
     }
     fn put_meta(&mut self, slot: u32, value: u64) -> Result<(), MapError> {
         self.meta.insert(slot, value);
+        Ok(())
+    }
+    fn src_ranges(&self) -> Result<Vec<(u32, RangeEntry)>, MapError> {
+        Ok(self.src_ranges.iter().copied().collect())
+    }
+    fn put_src_range(&mut self, svc_id: u32, range: RangeEntry) -> Result<(), MapError> {
+        self.src_ranges.insert((svc_id, range));
+        self.observe();
+        Ok(())
+    }
+    fn del_src_range(&mut self, svc_id: u32, range: RangeEntry) -> Result<(), MapError> {
+        self.src_ranges.remove(&(svc_id, range));
+        self.observe();
         Ok(())
     }
 }

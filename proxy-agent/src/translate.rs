@@ -58,12 +58,35 @@ pub enum FrontendKind {
     LoadBalancer,
 }
 
-/// One (address, port, protocol) a Service answers on.
+/// Which clients a frontend serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Scope {
+    /// Every client; for a two-scope frontend, clients outside the cluster.
+    #[default]
+    External,
+    /// Clients inside the cluster (pods, the node) of a two-scope frontend:
+    /// an `externalTrafficPolicy: Local` Service's NodePort, LoadBalancer
+    /// IPs and externalIPs serve them every endpoint, as kube-proxy does.
+    Internal,
+}
+
+impl Scope {
+    #[must_use]
+    pub fn number(self) -> u8 {
+        match self {
+            Scope::External => proxy_common::SCOPE_EXTERNAL,
+            Scope::Internal => proxy_common::SCOPE_INTERNAL,
+        }
+    }
+}
+
+/// One (address, port, protocol, scope) a Service answers on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendAddr {
     pub ip: IpAddr,
     pub port: u16,
     pub proto: Proto,
+    pub scope: Scope,
 }
 
 /// A backend address.
@@ -71,6 +94,15 @@ pub struct FrontendAddr {
 pub struct BackendAddr {
     pub ip: IpAddr,
     pub port: u16,
+    /// The endpoint runs on this node (external flows to it need no SNAT).
+    pub local: bool,
+}
+
+/// An IPv4 source prefix (loadBalancerSourceRanges).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    pub ip: Ipv4Addr,
+    pub len: u8,
 }
 
 /// Desired state of one frontend.
@@ -88,6 +120,11 @@ pub struct Frontend {
     /// has usable endpoints elsewhere: drop new flows (kube-proxy's DROP)
     /// rather than refuse them.
     pub drop_when_empty: bool,
+    /// An external-scope frontend with an internal-scope twin (other backends).
+    pub two_scopes: bool,
+    /// loadBalancerSourceRanges of a LoadBalancer IP: new flows only from
+    /// these (an empty list admits nobody: every range given was invalid).
+    pub source_ranges: Option<Vec<SourceRange>>,
 }
 
 /// What this node contributes to translation.
@@ -97,6 +134,18 @@ pub struct NodeInfo {
     pub zone: Option<String>,
     /// Addresses NodePorts are served on.
     pub addresses: Vec<IpAddr>,
+}
+
+impl NodeInfo {
+    /// The address external flows to backends on other nodes are SNATed
+    /// to: the first IPv4 address (the Node's InternalIP comes first).
+    #[must_use]
+    pub fn snat_address(&self) -> Option<Ipv4Addr> {
+        self.addresses.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+    }
 }
 
 /// Why (part of) an object was not programmed.
@@ -116,6 +165,12 @@ pub enum SkipReason {
     /// the precedence ClusterIP > NodePort > LoadBalancer/externalIP >
     /// older creationTimestamp.
     Conflict(String),
+    /// A loadBalancerSourceRanges entry that is no CIDR (ignored; with no
+    /// valid entry left the LoadBalancer IPs admit nobody).
+    InvalidSourceRange(String),
+    /// A LoadBalancer ingress with `ipMode: Proxy`: the load balancer proxies
+    /// to the nodes, so its IP is not programmed (kube-proxy skips it too).
+    ProxyIpMode(String),
 }
 
 impl SkipReason {
@@ -131,6 +186,8 @@ impl SkipReason {
             SkipReason::Ipv6Unsupported => "ipv6_unsupported",
             SkipReason::UnknownServiceType(_) => "unknown_service_type",
             SkipReason::Conflict(_) => "conflict",
+            SkipReason::InvalidSourceRange(_) => "invalid_source_range",
+            SkipReason::ProxyIpMode(_) => "ip_mode_proxy",
         }
     }
 }
@@ -146,6 +203,12 @@ impl std::fmt::Display for SkipReason {
             SkipReason::Ipv6Unsupported => write!(f, "IPv6 is not supported by the datapath yet"),
             SkipReason::UnknownServiceType(t) => write!(f, "unknown Service type {t:?}"),
             SkipReason::Conflict(c) => write!(f, "{c}"),
+            SkipReason::InvalidSourceRange(r) => {
+                write!(f, "loadBalancerSourceRanges entry {r:?} is not a CIDR (ignored)")
+            }
+            SkipReason::ProxyIpMode(ip) => {
+                write!(f, "LoadBalancer ingress {ip} has ipMode Proxy: left to the load balancer, not programmed")
+            }
         }
     }
 }
@@ -237,6 +300,7 @@ fn endpoints_for_port(
     sp: &ServicePort,
     slices: &[&EndpointSlice],
     publish_not_ready: bool,
+    node_name: &str,
     skipped: &mut BTreeSet<SkipReason>,
 ) -> Vec<Ep> {
     let want_name = sp.name.as_deref().unwrap_or("");
@@ -289,7 +353,8 @@ fn endpoints_for_port(
                 }
                 by_addr.remove(&prev.addr);
             }
-            let addr = BackendAddr { ip: IpAddr::V4(ip), port: port_num };
+            let local = ep.node_name.as_deref() == Some(node_name);
+            let addr = BackendAddr { ip: IpAddr::V4(ip), port: port_num, local };
             let zone_hints = ep
                 .hints
                 .as_ref()
@@ -338,8 +403,27 @@ fn topology_filter<'a>(eps: Vec<&'a Ep>, node: &NodeInfo) -> Vec<&'a Ep> {
     if hinted.is_empty() { eps } else { hinted }
 }
 
-fn node_local<'a>(eps: &[&'a Ep], node: &NodeInfo) -> Vec<&'a Ep> {
-    eps.iter().copied().filter(|e| e.node.as_deref() == Some(node.name.as_str())).collect()
+/// A Local policy's endpoints: this node's, with the KEP-1669 fallback to
+/// serving-terminating ones decided among this node's endpoints alone (as
+/// kube-proxy's CategorizeEndpoints does).
+fn node_local<'a>(eps: &'a [Ep], node: &NodeInfo) -> Vec<&'a Ep> {
+    let mine: Vec<Ep> = eps.iter().filter(|e| e.node.as_deref() == Some(node.name.as_str())).cloned().collect();
+    let keep: BTreeSet<BackendAddr> = usable(&mine).iter().map(|e| e.addr).collect();
+    eps.iter().filter(|e| keep.contains(&e.addr)).collect()
+}
+
+/// Parses a loadBalancerSourceRanges entry (`a.b.c.d/n`, or a bare address
+/// as /32). IPv6 ranges are not enforced yet (the datapath is IPv4).
+fn parse_source_range(s: &str) -> Option<SourceRange> {
+    let s = s.trim();
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip, len.parse::<u8>().ok().filter(|l| *l <= 32)?),
+        None => (s, 32),
+    };
+    let ip = parse_ipv4_sloppy(ip)?;
+    // Host bits are masked, as the kernel's LPM trie ignores them anyway.
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Some(SourceRange { ip: Ipv4Addr::from(u32::from(ip) & mask), len })
 }
 
 fn addrs(eps: &[&Ep]) -> Vec<BackendAddr> {
@@ -402,19 +486,44 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeIn
     }
     let external_ips: Vec<IpAddr> =
         spec.external_ips.iter().flatten().filter_map(|s| parse_ip(s, &mut svc_skips)).collect();
-    let lb_ips: Vec<IpAddr> = if svc_type == "LoadBalancer" {
-        svc.status
+    let mut lb_ips: Vec<IpAddr> = Vec::new();
+    if svc_type == "LoadBalancer" {
+        let ingress = svc
+            .status
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref())
             .into_iter()
-            .flatten()
-            .filter_map(|i| i.ip.as_deref())
-            .filter_map(|s| parse_ip(s, &mut svc_skips))
-            .collect()
-    } else {
-        Vec::new()
-    };
+            .flatten();
+        for i in ingress {
+            let Some(ip) = i.ip.as_deref() else { continue };
+            if i.ip_mode.as_deref() == Some("Proxy") {
+                svc_skips.insert(SkipReason::ProxyIpMode(ip.to_owned()));
+                continue;
+            }
+            if let Some(ip) = parse_ip(ip, &mut svc_skips) {
+                lb_ips.push(ip);
+            }
+        }
+    }
+    let source_ranges: Option<Vec<SourceRange>> =
+        spec.load_balancer_source_ranges.as_ref().filter(|r| !r.is_empty()).map(|ranges| {
+            let mut v: Vec<SourceRange> = Vec::new();
+            for r in ranges {
+                match parse_source_range(r) {
+                    Some(sr) => v.push(sr),
+                    // IPv6 ranges are for IPv6 clients, which cannot reach an
+                    // IPv4 LoadBalancer IP: nothing to enforce here.
+                    None if r.contains(':') => {}
+                    None => {
+                        svc_skips.insert(SkipReason::InvalidSourceRange(r.clone()));
+                    }
+                }
+            }
+            v.sort();
+            v.dedup();
+            v
+        });
     let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
@@ -447,41 +556,50 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeIn
             out.skipped.push(Skip { owner: port_owner, reason: SkipReason::SctpUnsupported });
             continue;
         }
-        let eps = endpoints_for_port(sp, slices, publish_not_ready, &mut skips);
+        let eps = endpoints_for_port(sp, slices, publish_not_ready, &node.name, &mut skips);
         let usable_eps = usable(&eps);
         // Topology applies only when no Local policy narrows the set already.
         let cluster_set = if internal_local {
-            node_local(&usable_eps, node)
-        } else {
-            topology_filter(usable_eps.clone(), node)
-        };
-        let external_set = if external_local {
-            node_local(&usable_eps, node)
+            node_local(&eps, node)
         } else {
             topology_filter(usable_eps.clone(), node)
         };
         let cluster_backends = addrs(&cluster_set);
-        let external_backends = addrs(&external_set);
+        let local_backends = addrs(&node_local(&eps, node));
         let any_usable = !usable_eps.is_empty();
-        let mk = |ip: IpAddr, port: u16, kind: FrontendKind, backends: &Vec<BackendAddr>| {
-            let local = if kind == FrontendKind::ClusterIp { internal_local } else { external_local };
-            Frontend {
-                addr: FrontendAddr { ip, port, proto },
-                kind,
-                owner: port_owner.clone(),
-                backends: backends.clone(),
-                affinity_timeout_s,
-                drop_when_empty: local && backends.is_empty() && any_usable,
+        let cluster_backends_ext = addrs(&topology_filter(usable_eps.clone(), node));
+        let base = |ip: IpAddr, port: u16, kind: FrontendKind, scope: Scope, backends: &Vec<BackendAddr>, local: bool| Frontend {
+            addr: FrontendAddr { ip, port, proto, scope },
+            kind,
+            owner: port_owner.clone(),
+            backends: backends.clone(),
+            affinity_timeout_s,
+            drop_when_empty: local && backends.is_empty() && any_usable,
+            two_scopes: false,
+            source_ranges: if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { None },
+        };
+        // An external address (NodePort, LoadBalancer IP, externalIP): with
+        // externalTrafficPolicy Local, clients outside the cluster get this
+        // node's endpoints only, and clients inside it (the internal twin)
+        // every endpoint under the internal policy, as kube-proxy does.
+        let external = |out: &mut Vec<Frontend>, ip: IpAddr, port: u16, kind: FrontendKind| {
+            if external_local {
+                let mut fe = base(ip, port, kind, Scope::External, &local_backends, true);
+                fe.two_scopes = true;
+                out.push(fe);
+                out.push(base(ip, port, kind, Scope::Internal, &cluster_backends, internal_local));
+            } else {
+                out.push(base(ip, port, kind, Scope::External, &cluster_backends_ext, false));
             }
         };
         for ip in &cluster_ips {
-            out.frontends.push(mk(*ip, port, FrontendKind::ClusterIp, &cluster_backends));
+            out.frontends.push(base(*ip, port, FrontendKind::ClusterIp, Scope::External, &cluster_backends, internal_local));
         }
         for ip in &external_ips {
-            out.frontends.push(mk(*ip, port, FrontendKind::ExternalIp, &external_backends));
+            external(&mut out.frontends, *ip, port, FrontendKind::ExternalIp);
         }
         for ip in &lb_ips {
-            out.frontends.push(mk(*ip, port, FrontendKind::LoadBalancer, &external_backends));
+            external(&mut out.frontends, *ip, port, FrontendKind::LoadBalancer);
         }
         if matches!(svc_type, "NodePort" | "LoadBalancer")
             && let Some(np) = sp.node_port
@@ -490,7 +608,7 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeIn
                 Some(np) => {
                     for ip in &node.addresses {
                         if ip.is_ipv4() {
-                            out.frontends.push(mk(*ip, np, FrontendKind::NodePort, &external_backends));
+                            external(&mut out.frontends, *ip, np, FrontendKind::NodePort);
                         }
                     }
                 }
@@ -658,6 +776,11 @@ pub fn translate_all_cached(
     for (addr, (_, fe)) in claims {
         *desired.vips.entry(addr.ip).or_default() |= vip_flags(&fe, node);
         desired.frontends.insert(addr, fe);
+    }
+    // Replies of SNATed flows come back to the SNAT address: the datapath
+    // looks at it (as at every node address with NodePorts).
+    if let Some(a) = node.snat_address() {
+        *desired.vips.entry(IpAddr::V4(a)).or_default() |= proxy_common::VIP_F_NODE;
     }
     cache.entries.retain(|k, _| live.contains(k));
     desired

@@ -83,6 +83,7 @@ impl Env {
             node_name: "node-a".into(),
             node_ips: opts.node_ips,
             maglev: true,
+            nodeport_cidrs: vec![],
         };
         let mut env = Env { agent: None, servers, cfg: cfg.clone(), topo };
         let agent = env.topo.node.run(|| {

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use proxy_agent::{
     datapath::{self, Datapath, DatapathConfig, PinnedMaps},
     sync::SyncEngine,
-    translate::{BackendAddr, Desired, Frontend, FrontendAddr, FrontendKind, Proto},
+    translate::{BackendAddr, Desired, Frontend, FrontendAddr, FrontendKind, Proto, Scope},
 };
 use proxy_testkit::{require_root, unique_prefix};
 
@@ -43,12 +43,12 @@ fn fixture() -> Fixture {
     let mut engine = SyncEngine::adopt(PinnedMaps::open(&cfg.pin_dir()).unwrap()).unwrap();
     let mut d = Desired::default();
     for (vip, port, proto, backends) in [
-        (VIP, 80, Proto::Tcp, vec![BackendAddr { ip: ip(BACKEND), port: 8080 }]),
-        (VIP, 53, Proto::Udp, vec![BackendAddr { ip: ip(BACKEND), port: 5353 }]),
+        (VIP, 80, Proto::Tcp, vec![BackendAddr { ip: ip(BACKEND), port: 8080, local: true }]),
+        (VIP, 53, Proto::Udp, vec![BackendAddr { ip: ip(BACKEND), port: 5353, local: true }]),
         (EMPTY_VIP, 80, Proto::Tcp, vec![]),
     ] {
-        let addr = FrontendAddr { ip: ip(vip), port, proto };
-        d.frontends.insert(addr, Frontend { addr, kind: FrontendKind::ClusterIp, owner: "t".into(), backends, affinity_timeout_s: None, drop_when_empty: false });
+        let addr = FrontendAddr { ip: ip(vip), port, proto, scope: Scope::External };
+        d.frontends.insert(addr, Frontend { addr, kind: FrontendKind::ClusterIp, owner: "t".into(), backends, affinity_timeout_s: None, drop_when_empty: false, two_scopes: false, source_ranges: None });
         d.vips.insert(ip(vip), proxy_common::VIP_F_CLUSTER_IP);
     }
     let r = engine.sync(&d);

@@ -11,7 +11,7 @@ use std::{
 use proptest::prelude::*;
 use proxy_agent::{
     sync::{MemMaps, SyncEngine, frontend_key},
-    translate::{BackendAddr, Desired, Frontend, FrontendAddr, FrontendKind, Proto},
+    translate::{BackendAddr, Desired, Frontend, FrontendAddr, FrontendKind, Proto, Scope, SourceRange},
 };
 use proxy_common::ServiceKey;
 
@@ -38,11 +38,16 @@ fn observe(m: &MemMaps) {
 }
 
 fn fe_addr(i: u8) -> FrontendAddr {
-    FrontendAddr { ip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, i)), port: 80, proto: if i % 2 == 0 { Proto::Tcp } else { Proto::Udp } }
+    FrontendAddr {
+        ip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, i)),
+        port: 80,
+        proto: if i % 2 == 0 { Proto::Tcp } else { Proto::Udp },
+        scope: if i % 5 == 0 { Scope::Internal } else { Scope::External },
+    }
 }
 
 fn backend(i: u8) -> BackendAddr {
-    BackendAddr { ip: IpAddr::V4(Ipv4Addr::new(10, 1, 0, i)), port: 8080 }
+    BackendAddr { ip: IpAddr::V4(Ipv4Addr::new(10, 1, 0, i)), port: 8080, local: i % 3 == 0 }
 }
 
 /// A desired state: for each of 6 frontends, absent or a set of backends
@@ -66,6 +71,10 @@ fn build(state: &[Option<(u8, bool)>]) -> Desired {
                     backends,
                     affinity_timeout_s: aff.then_some(30),
                     drop_when_empty: false,
+                    two_scopes: i % 5 == 1,
+                    source_ranges: aff.then(|| {
+                        vec![SourceRange { ip: Ipv4Addr::new(192, 168, i as u8, 0), len: 24 }]
+                    }),
                 },
             );
         }

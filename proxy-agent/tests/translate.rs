@@ -3,7 +3,7 @@ use std::net::IpAddr;
 
 use proxy_agent::{
     manifests,
-    translate::{Desired, NodeInfo, translate_all},
+    translate::{Desired, NodeInfo, Scope, translate_all},
 };
 use serde::Deserialize;
 
@@ -29,7 +29,16 @@ fn render(d: &Desired) -> (Vec<String>, Vec<String>) {
             if f.drop_when_empty {
                 aff.push_str(" drop");
             }
-            format!("{}:{}/{:?} {:?} -> [{}]{aff}", f.addr.ip, f.addr.port, f.addr.proto, f.kind, b.join(", "))
+            if let Some(r) = &f.source_ranges {
+                let r: Vec<String> = r.iter().map(|r| format!("{}/{}", r.ip, r.len)).collect();
+                aff.push_str(&format!(" ranges=[{}]", r.join(", ")));
+            }
+            let scope = match f.addr.scope {
+                Scope::External if f.two_scopes => " external",
+                Scope::External => "",
+                Scope::Internal => " internal",
+            };
+            format!("{}:{}/{:?} {:?}{scope} -> [{}]{aff}", f.addr.ip, f.addr.port, f.addr.proto, f.kind, b.join(", "))
                 .replace("/Tcp", "/TCP")
                 .replace("/Udp", "/UDP")
         })

@@ -41,10 +41,31 @@ pub const MAP_SOCK_REV: &str = "kp_sock_rev_v1";
 /// Agent bookkeeping that must survive restarts (id high-water marks).
 pub const MAP_META: &str = "kp_meta_v1";
 /// Per-CPU counters indexed by [`Stat`].
-pub const MAP_STATS: &str = "kp_stats_v2";
+pub const MAP_STATS: &str = "kp_stats_v3";
+/// SNAT of external flows to backends on other nodes: the reply tuple
+/// (backend -> node address:SNAT port) -> the flow's forward conntrack key.
+pub const MAP_SNAT: &str = "kp_snat_v1";
+/// Node-wide settings the agent writes (one [`NodeConfig`] at index 0).
+pub const MAP_CONFIG: &str = "kp_config_v1";
+/// loadBalancerSourceRanges: (frontend id, source prefix) LPM trie.
+pub const MAP_SRC_RANGES: &str = "kp_srcrange_v1";
+/// Tail calls of the TC programs (see [`CALL_NEW_FLOW`]). Pinned like the
+/// others: the kernel empties a program array once no file descriptor or
+/// pin holds it, and the datapath outlives the agent. A restarted agent
+/// writes its own programs into the same slots, one atomic update each.
+pub const MAP_CALLS: &str = "kp_calls_v1";
+/// Tail-call slot of the new-flow program for an ingress program variant:
+/// `CALL_NEW_FLOW + 2 * external + l3`. The new-flow path (backend choice,
+/// SNAT, conntrack creation) runs as a program of its own so that it gets
+/// its own 512-byte stack, as Cilium's CILIUM_CALL_* programs do.
+pub const CALL_NEW_FLOW: u32 = 0;
+pub const CALL_COUNT: u32 = 4;
+/// The new-flow programs, by tail-call slot.
+pub const PROG_TC_NEW_FLOW: [&str; 4] =
+    ["kp_tc_new_flow", "kp_tc_new_flow_l3", "kp_tc_new_flow_ext", "kp_tc_new_flow_ext_l3"];
 /// Every map of the eBPF object, in the order the agent adopts/creates them
 /// ([`MAP_META`] is the agent's own and not part of the object).
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CT_TCP,
@@ -56,9 +77,13 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_FRAGS,
     MAP_SOCK_REV,
     MAP_STATS,
+    MAP_SNAT,
+    MAP_CONFIG,
+    MAP_SRC_RANGES,
+    MAP_CALLS,
 ];
 /// Pins of earlier layouts; removed once the new datapath is attached.
-pub const RETIRED_MAPS: [&str; 2] = ["kp_ct_v1", "kp_stats_v1"];
+pub const RETIRED_MAPS: [&str; 3] = ["kp_ct_v1", "kp_stats_v1", "kp_stats_v2"];
 
 /// TC ingress program for Ethernet devices (veth, physical NICs, bridge ports).
 pub const PROG_TC_INGRESS: &str = "kp_tc_ingress";
@@ -67,6 +92,15 @@ pub const PROG_TC_EGRESS: &str = "kp_tc_egress";
 /// The same two for L3 devices without an Ethernet header (WireGuard, IPIP, tun).
 pub const PROG_TC_INGRESS_L3: &str = "kp_tc_ingress_l3";
 pub const PROG_TC_EGRESS_L3: &str = "kp_tc_egress_l3";
+/// TC ingress of the node's external interfaces (uplinks): clients there
+/// are outside the cluster (external scope of two-scope frontends), and
+/// their flows to backends on other nodes are SNATed to the node.
+pub const PROG_TC_INGRESS_EXT: &str = "kp_tc_ingress_ext";
+pub const PROG_TC_INGRESS_EXT_L3: &str = "kp_tc_ingress_ext_l3";
+/// XDP on external interfaces (`--nodeport-acceleration`): NodePort,
+/// LoadBalancer and externalIP flows translated and forwarded before the
+/// stack; anything it cannot finish continues to the TC path.
+pub const PROG_XDP: &str = "kp_xdp";
 
 /// cgroup socket programs (socket-level load balancing).
 pub const PROG_SOCK_CONNECT4: &str = "kp_sock_connect4";
@@ -91,6 +125,15 @@ pub const DEFAULT_MAX_AFFINITY: u32 = 131_072;
 pub const DEFAULT_MAX_MAGLEV: u32 = 65_536;
 pub const MAX_FRAGS: u32 = 8_192;
 pub const DEFAULT_MAX_SOCK_REV: u32 = 131_072;
+pub const DEFAULT_MAX_SNAT: u32 = 131_072;
+pub const MAX_SRC_RANGES: u32 = 16_384;
+/// SNAT ports: above Linux's default ephemeral range (32768-60999), so the
+/// node's own connections never pick them (the agent also reserves them in
+/// `net.ipv4.ip_local_reserved_ports`).
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 61_000;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 65_535;
+/// How many ports a new SNAT flow tries before it is dropped.
+pub const SNAT_TRIES: u32 = 16;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -137,6 +180,13 @@ pub const SVC_F_MAGLEV: u16 = 1 << 2;
 /// without local endpoints): new flows are dropped, as kube-proxy does,
 /// instead of refused.
 pub const SVC_F_DROP_EMPTY: u16 = 1 << 3;
+/// This (external-scope) frontend has an internal-scope twin with other
+/// backends: clients inside the cluster (pods, the node) use the twin
+/// (externalTrafficPolicy: Local serves them every endpoint, as kube-proxy does).
+pub const SVC_F_TWO_SCOPES: u16 = 1 << 4;
+/// New flows are admitted only from the frontend's source ranges
+/// (loadBalancerSourceRanges, [`MAP_SRC_RANGES`]); others are dropped.
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 5;
 
 /// The affinity key's id for a frontend: its Service port's group, shared by
 /// the port's ClusterIP, NodePort and external frontends (kube-proxy keeps
@@ -154,8 +204,12 @@ pub struct Backend {
     pub addr: [u8; 16], // backend address, IPv6 or IPv4-mapped, network order
     pub port: u16,      // backend port, host order
     pub proto: u8,      // IPPROTO_*
-    pub flags: u8,      // reserved, zero
+    pub flags: u8,      // BACKEND_F_*
 }
+
+/// The endpoint runs on this node: external flows reach it without SNAT
+/// (its replies come back through this node anyway).
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
 
 /// Key of the membership map: this frontend currently has this backend.
 #[repr(C)]
@@ -219,7 +273,8 @@ pub struct CtValue {
     pub backend_id: u32,    // backend chosen for this flow
     pub last_seen_ns: u64,  // forward: last packet either way (bpf_ktime_get_ns); reply: creation
     pub svc_id: u32,        // frontend id (membership checks, cleanup per Service)
-    pub _pad2: u32,         // zero
+    pub snat_port: u16,     // forward: SNAT port toward a remote backend (source = NodeConfig::snat_addr); 0 = none
+    pub _pad2: u16,         // zero
 }
 
 /// Entry is the reply direction (rewrite the source back to the frontend).
@@ -305,6 +360,33 @@ pub fn ct_forward_key_of_reply(reply_key: &CtKey, reply: &CtValue) -> CtKey {
         proto: reply_key.proto,
         _pad: [0; 3],
     }
+}
+
+/// Value of the config map ([`MAP_CONFIG`], index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NodeConfig {
+    pub snat_addr: [u8; 16], // node address for SNAT toward remote backends, network order; zero: no SNAT
+    pub snat_port_min: u16,  // first SNAT port, host order
+    pub snat_port_max: u16,  // last SNAT port, host order
+    pub _pad: u32,           // zero
+}
+
+/// Data of a source-range LPM key (the prefix length precedes it).
+/// The prefix always covers the whole `svc_id` (32 bits) and then
+/// `96 + n` bits of an IPv4-mapped address for an IPv4 /n.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SrcRange {
+    pub svc_id: [u8; 4], // frontend id, big-endian (compared byte by byte)
+    pub addr: [u8; 16],  // source prefix, IPv6 or IPv4-mapped, network order
+}
+
+/// LPM prefix length of an IPv4 /`len` source range.
+#[inline(always)]
+#[must_use]
+pub const fn src_range_prefix_v4(len: u8) -> u32 {
+    32 + 96 + len as u32
 }
 
 /// Key of the ClientIP affinity map.
@@ -433,9 +515,27 @@ pub enum Stat {
     DropNoLocal = 27,
     /// Socket LB: a pod's connected UDP socket left to the TC path (it then follows backend changes per packet).
     SockUdpToTc = 28,
+    /// New external flow to a backend on another node, SNATed to the node.
+    SnatNew = 29,
+    /// Reply of an SNATed flow translated back to its client.
+    SnatReply = 30,
+    /// Dropped: no free SNAT port for a new flow.
+    DropSnatExhausted = 31,
+    /// Dropped: source outside the Service's loadBalancerSourceRanges.
+    DropSourceRange = 32,
+    /// Dropped: no route toward the backend or client of a forwarded flow.
+    DropNoRoute = 33,
+    /// XDP: translated and sent back out of the interface it came in on.
+    XdpTx = 34,
+    /// XDP: translated and redirected to another interface.
+    XdpRedirect = 35,
+    /// XDP: translated and handed to the stack (local backend).
+    XdpPassTranslated = 36,
+    /// XDP: left to the TC path (unknown neighbour, fragment, ICMP, options...).
+    XdpToTc = 37,
 }
 
-pub const STAT_COUNT: u32 = 29;
+pub const STAT_COUNT: u32 = 38;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -468,6 +568,15 @@ impl Stat {
         Stat::SockSkipNetns,
         Stat::DropNoLocal,
         Stat::SockUdpToTc,
+        Stat::SnatNew,
+        Stat::SnatReply,
+        Stat::DropSnatExhausted,
+        Stat::DropSourceRange,
+        Stat::DropNoRoute,
+        Stat::XdpTx,
+        Stat::XdpRedirect,
+        Stat::XdpPassTranslated,
+        Stat::XdpToTc,
     ];
 
     /// Metric label for this counter.
@@ -503,6 +612,15 @@ impl Stat {
             Stat::SockSkipNetns => "sock_skip_netns",
             Stat::DropNoLocal => "drop_no_local",
             Stat::SockUdpToTc => "sock_udp_to_tc",
+            Stat::SnatNew => "snat_new",
+            Stat::SnatReply => "snat_reply",
+            Stat::DropSnatExhausted => "drop_snat_exhausted",
+            Stat::DropSourceRange => "drop_source_range",
+            Stat::DropNoRoute => "drop_no_route",
+            Stat::XdpTx => "xdp_tx",
+            Stat::XdpRedirect => "xdp_redirect",
+            Stat::XdpPassTranslated => "xdp_pass_translated",
+            Stat::XdpToTc => "xdp_to_tc",
         }
     }
 
@@ -539,6 +657,15 @@ impl Stat {
             Stat::SockSkipNetns => "socket LB in host-only mode: a pod's socket left to the TC path",
             Stat::DropNoLocal => "dropped: a Local traffic policy and no endpoint on this node (kube-proxy drops too)",
             Stat::SockUdpToTc => "socket LB: a pod's connected UDP socket left to the TC path (it then follows backend changes per packet)",
+            Stat::SnatNew => "new external flow to a backend on another node, SNATed to the node",
+            Stat::SnatReply => "reply of an SNATed flow translated back to its client",
+            Stat::DropSnatExhausted => "dropped: no free SNAT port for a new flow",
+            Stat::DropSourceRange => "dropped: source outside the Service's loadBalancerSourceRanges",
+            Stat::DropNoRoute => "dropped: no route toward the backend or client of a forwarded flow",
+            Stat::XdpTx => "XDP: translated and sent back out of the interface it came in on",
+            Stat::XdpRedirect => "XDP: translated and redirected to another interface",
+            Stat::XdpPassTranslated => "XDP: translated and handed to the stack (local backend)",
+            Stat::XdpToTc => "XDP: left to the TC path (unknown neighbour, fragment, ICMP, IP options...)",
         }
     }
 }
@@ -578,6 +705,8 @@ const _: () = {
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<SockRevKey>() == 32);
     assert!(core::mem::size_of::<SockRevValue>() == 32);
+    assert!(core::mem::size_of::<NodeConfig>() == 24);
+    assert!(core::mem::size_of::<SrcRange>() == 20);
 };
 
 #[cfg(feature = "user")]
@@ -598,4 +727,6 @@ mod pod {
     unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::SockRevKey {}
     unsafe impl aya::Pod for super::SockRevValue {}
+    unsafe impl aya::Pod for super::NodeConfig {}
+    unsafe impl aya::Pod for super::SrcRange {}
 }

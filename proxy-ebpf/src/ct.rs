@@ -79,7 +79,7 @@ fn touch(entry: *mut CtValue, old: &CtValue, flags: u8, now: u64) {
 }
 
 #[inline(always)]
-fn expired(v: &CtValue, proto: u8, now: u64) -> bool {
+pub fn expired(v: &CtValue, proto: u8, now: u64) -> bool {
     now.wrapping_sub(v.last_seen_ns) > ct_lifetime_ns(proto, v.flags)
 }
 
@@ -105,10 +105,18 @@ pub fn forward_lookup(pkt: &Packet, now: u64) -> Option<CtValue> {
     }
     let flags = next_flags(v.flags, pkt.tcp_flags, pkt.is_tcp(), false);
     touch(entry, &v, flags, now);
-    if !pkt.is_tcp() {
+    // An SNATed flow's replies are found through the SNAT map instead.
+    if !pkt.is_tcp() && v.snat_port == 0 {
         keep_reply(pkt, &v);
     }
     Some(v)
+}
+
+/// Updates a forward entry's state for a reply packet `pkt` of its flow.
+#[inline(always)]
+pub fn touch_reply(fentry: *mut CtValue, f: &CtValue, pkt: &Packet, now: u64) {
+    let flags = next_flags(f.flags, pkt.tcp_flags, pkt.is_tcp(), true);
+    touch(fentry, f, flags, now);
 }
 
 /// Non-TCP flows live in an LRU map: a mostly one-way flow must not lose
@@ -128,46 +136,90 @@ fn keep_reply(pkt: &Packet, v: &CtValue) {
         backend_id: v.backend_id,
         last_seen_ns: v.last_seen_ns,
         svc_id: v.svc_id,
+        snat_port: 0,
         _pad2: 0,
     };
     let _ = ct_insert(&rkey, &rev);
 }
 
-/// Records a new flow from `pkt`'s client to a backend. Returns the hairpin
-/// flag. Fails (and the packet must be dropped) when the table is full.
+/// A new flow's choice, passed to [`create`] by reference (BPF calls take
+/// five arguments at most).
+pub struct NewFlow {
+    pub svc_id: u32,
+    pub backend_id: u32,
+    pub baddr: [u8; 4],
+    pub bport: u16,
+    pub snat_port: u16,
+    pub now: u64,
+}
+
+/// The hairpin flag of a new flow: the client picked itself (see CT_F_HAIRPIN).
 #[inline(always)]
-pub fn create(pkt: &Packet, svc_id: u32, backend_id: u32, baddr: [u8; 4], bport: u16, now: u64) -> Result<u8, ()> {
-    // The client picked itself: hairpin (see CT_F_HAIRPIN).
-    let hairpin = if baddr == pkt.saddr { CT_F_HAIRPIN } else { 0 };
-    let fwd_key = key_of(pkt);
-    let fwd = CtValue {
-        nat_addr: v4_mapped(baddr),
-        nat_port: bport,
-        flags: next_flags(hairpin, pkt.tcp_flags, pkt.is_tcp(), false),
-        _pad: 0,
-        backend_id,
-        last_seen_ns: now,
-        svc_id,
-        _pad2: 0,
-    };
-    let rev_key = ct_reply_key(&fwd_key, v4_mapped(baddr), bport, hairpin != 0);
-    let rev = CtValue {
-        nat_addr: fwd_key.daddr,
-        nat_port: pkt.dport,
-        flags: CT_F_REPLY | hairpin,
-        _pad: 0,
-        backend_id,
-        last_seen_ns: now,
-        svc_id,
-        _pad2: 0,
-    };
-    // Reply entry first: a forward entry without it would blackhole replies.
-    ct_insert(&rev_key, &rev)?;
-    if ct_insert(&fwd_key, &fwd).is_err() {
-        ct_remove(&rev_key);
-        return Err(());
+pub fn hairpin_of(pkt: &Packet, f: &NewFlow) -> u8 {
+    if f.baddr == pkt.saddr { CT_F_HAIRPIN } else { 0 }
+}
+
+/// The reply key of a new flow.
+#[inline(always)]
+fn new_reply_key(pkt: &Packet, f: &NewFlow) -> CtKey {
+    ct_reply_key(&key_of(pkt), v4_mapped(f.baddr), f.bport, hairpin_of(pkt, f) != 0)
+}
+
+/// Records a new flow from `pkt`'s client to a backend: the reply entry
+/// first (a forward entry without it would blackhole replies), then the
+/// forward entry. Returns the hairpin flag, or -1 when the table is full
+/// (the packet must be dropped). An SNATed flow (`snat_port != 0`) gets no
+/// reply entry: its replies are addressed to the node and found through
+/// the SNAT map. Three BPF-to-BPF calls, so no frame holds every key.
+#[inline(always)]
+pub fn create(pkt: &Packet, f: &NewFlow) -> i32 {
+    if f.snat_port == 0 && insert_reply(pkt, f) < 0 {
+        return -1;
     }
-    Ok(hairpin)
+    if insert_forward(pkt, f) < 0 {
+        if f.snat_port == 0 {
+            remove_reply(pkt, f);
+        }
+        return -1;
+    }
+    i32::from(hairpin_of(pkt, f))
+}
+
+#[inline(always)]
+fn insert_reply(pkt: &Packet, f: &NewFlow) -> i32 {
+    let rev = CtValue {
+        nat_addr: v4_mapped(pkt.daddr),
+        nat_port: pkt.dport,
+        flags: CT_F_REPLY | hairpin_of(pkt, f),
+        _pad: 0,
+        backend_id: f.backend_id,
+        last_seen_ns: f.now,
+        svc_id: f.svc_id,
+        snat_port: 0,
+        _pad2: 0,
+    };
+    if ct_insert(&new_reply_key(pkt, f), &rev).is_ok() { 0 } else { -1 }
+}
+
+#[inline(always)]
+fn remove_reply(pkt: &Packet, f: &NewFlow) {
+    ct_remove(&new_reply_key(pkt, f));
+}
+
+#[inline(always)]
+fn insert_forward(pkt: &Packet, f: &NewFlow) -> i32 {
+    let fwd = CtValue {
+        nat_addr: v4_mapped(f.baddr),
+        nat_port: f.bport,
+        flags: next_flags(hairpin_of(pkt, f), pkt.tcp_flags, pkt.is_tcp(), false),
+        _pad: 0,
+        backend_id: f.backend_id,
+        last_seen_ns: f.now,
+        svc_id: f.svc_id,
+        snat_port: f.snat_port,
+        _pad2: 0,
+    };
+    if ct_insert(&key_of(pkt), &fwd).is_ok() { 0 } else { -1 }
 }
 
 /// A reply entry and its forward entry, when the reply entry is ours: its

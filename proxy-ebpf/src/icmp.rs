@@ -36,8 +36,19 @@ fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
 }
 
 /// Translates an ICMP error about a translated flow. Returns whether it was one.
+/// [`translate`] as a BPF-to-BPF call (its stack is not the caller's):
+/// 1 translated, 0 not an error about one of our flows, -1 a rewrite failed.
 #[inline(always)]
-pub fn translate(ctx: &TcContext, pkt: &Packet, now: u64, egress: bool) -> Result<bool, ()> {
+pub fn translate_call(ctx: &TcContext, pkt: &Packet, now: u64, egress: bool) -> i32 {
+    match translate(ctx, pkt, now, egress) {
+        Ok(true) => 1,
+        Ok(false) => 0,
+        Err(()) => -1,
+    }
+}
+
+#[inline(always)]
+fn translate(ctx: &TcContext, pkt: &Packet, now: u64, egress: bool) -> Result<bool, ()> {
     if !is_icmp_error(pkt.icmp_type) || !pkt.has_l4() {
         return Ok(false);
     }

@@ -6,17 +6,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, CT_F_HAIRPIN, MAGLEV_M, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_MAGLEV,
-    affinity_group,
-    ServiceKey, ServiceValue, Stat, VipValue, v4_mapped, v4_of_mapped,
+    AffinityKey, AffinityValue, BACKEND_F_LOCAL, CT_F_HAIRPIN, MAGLEV_M, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue,
+    Stat, VipValue, affinity_group, v4_mapped, v4_of_mapped,
 };
 
 use crate::{
-    TC_ACT_NEXT, ct, frag,
-    maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, VIPS, count, is_member},
+    TC_ACT_NEXT, ct, frag, fwd,
+    maps::{AFFINITY, BACKENDS, CALLS, MAGLEV, SERVICES, VIPS, config, count, is_member, source_allowed},
     nat::{Side, rewrite, swap_macs},
-    packet::Packet,
-    reject,
+    packet::{ETH_HLEN, Packet},
+    reject, snat,
 };
 
 /// The service address entry of `addr`, if it is one.
@@ -26,42 +26,113 @@ pub fn lookup_vip(addr: [u8; 4]) -> Option<VipValue> {
     unsafe { VIPS.get(&v4_mapped(addr)) }.copied()
 }
 
-/// The frontend (slot 0) this packet is addressed to, if any.
+/// The frontend (slot 0) for `addr:port/proto`, if any. A client inside
+/// the cluster (`internal`: a pod, the node itself) of a two-scope
+/// frontend gets the internal twin (externalTrafficPolicy: Local serves
+/// in-cluster clients every endpoint, as kube-proxy does).
 #[inline(always)]
-pub fn lookup_frontend(pkt: &Packet) -> Option<(ServiceKey, ServiceValue)> {
-    let key = ServiceKey {
-        addr: v4_mapped(pkt.daddr),
-        port: pkt.dport,
-        proto: pkt.proto,
-        scope: SCOPE_EXTERNAL,
-        slot: 0,
-        _pad: 0,
-    };
+pub fn lookup_service(addr: [u8; 16], port: u16, proto: u8, internal: bool) -> Option<(ServiceKey, ServiceValue)> {
+    let key = ServiceKey { addr, port, proto, scope: SCOPE_EXTERNAL, slot: 0, _pad: 0 };
     // SAFETY: the value is copied out before any other map operation.
     let svc = unsafe { SERVICES.get(&key) }.copied()?;
+    if internal && svc.flags & SVC_F_TWO_SCOPES != 0 {
+        let ikey = ServiceKey { scope: SCOPE_INTERNAL, ..key };
+        // SAFETY: as above.
+        if let Some(isvc) = unsafe { SERVICES.get(&ikey) }.copied() {
+            return Some((ikey, isvc));
+        }
+    }
     Some((key, svc))
+}
+
+/// The frontend this packet is addressed to; `EXT`: it arrived on an
+/// external interface (its client is outside the cluster).
+#[inline(always)]
+pub fn lookup_frontend<const EXT: bool>(pkt: &Packet) -> Option<(ServiceKey, ServiceValue)> {
+    lookup_service(v4_mapped(pkt.daddr), pkt.dport, pkt.proto, !EXT)
+}
+
+/// [`established`] returns this when the packet starts a new flow.
+pub const NO_FLOW: i32 = i32::MIN;
+
+/// A packet of a known flow to a frontend keeps its backend (and its SNAT).
+/// A BPF-to-BPF call (its keys stay off the caller's stack); [`NO_FLOW`]
+/// when the packet starts a new flow.
+#[inline(always)]
+pub fn established<const L3: usize, const EXT: bool>(ctx: &TcContext, pkt: &Packet, now: u64) -> i32 {
+    let Some(v) = ct::forward_lookup(pkt, now) else { return NO_FLOW };
+    count(if pkt.has_l4() { Stat::CtHit } else { Stat::FragmentNat });
+    let Some(addr) = v4_of_mapped(&v.nat_addr) else { return crate::verdict(Err(())) };
+    frag::remember(pkt);
+    if EXT && v.snat_port != 0 {
+        return snat_forward_call::<L3>(ctx, pkt, addr, v.nat_port, v.snat_port);
+    }
+    crate::verdict(nat_forward::<L3>(ctx, pkt, addr, v.nat_port, v.flags & CT_F_HAIRPIN != 0))
 }
 
 /// Handles a packet addressed to a frontend: existing flows keep their
 /// backend, new flows pick one, a frontend without backends is rejected.
+/// `EXT`: the packet arrived on an external interface, and a new flow to a
+/// backend on another node is SNATed to the node (its reply must come back
+/// through here).
 #[inline(always)]
-pub fn forward<const L3: usize>(
+pub fn forward<const L3: usize, const EXT: bool>(
     ctx: &TcContext,
     pkt: &Packet,
     svc: &(ServiceKey, ServiceValue),
     now: u64,
 ) -> Result<i32, ()> {
-    if let Some(v) = ct::forward_lookup(pkt, now) {
-        count(if pkt.has_l4() { Stat::CtHit } else { Stat::FragmentNat });
-        let addr = v4_of_mapped(&v.nat_addr).ok_or(())?;
-        frag::remember(pkt);
-        return nat_forward::<L3>(ctx, pkt, addr, v.nat_port, v.flags & CT_F_HAIRPIN != 0);
+    let _ = svc;
+    let v = established::<L3, EXT>(ctx, pkt, now);
+    if v != NO_FLOW {
+        return Ok(v);
     }
     if !pkt.has_l4() {
         // A later fragment of a flow we do not know: never let it leak.
         count(Stat::DropFragment);
         return Ok(TC_ACT_SHOT);
     }
+    // The new-flow program of this variant, with a stack of its own.
+    let slot = proxy_common::CALL_NEW_FLOW + 2 * u32::from(EXT) + u32::from(L3 != ETH_HLEN);
+    // SAFETY: a tail call on our own context; it does not return on success.
+    unsafe { CALLS.tail_call(ctx, slot) };
+    // The slot is empty (the agent fills it before attaching): fail closed.
+    count(Stat::DropMalformed);
+    Ok(TC_ACT_SHOT)
+}
+
+/// Entry of the new-flow programs (tail-called by ingress): the packet is
+/// parsed and its frontend looked up again (the caller's stack is gone).
+#[inline(always)]
+pub fn new_flow_entry<const L3: usize, const EXT: bool>(ctx: &TcContext) -> i32 {
+    let Ok(pkt) = crate::packet::parse::<L3>(ctx) else { return TC_ACT_NEXT };
+    let Some(svc) = lookup_frontend::<EXT>(&pkt) else { return TC_ACT_NEXT };
+    // SAFETY: helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    new_flow::<L3, EXT>(ctx, &pkt, &svc, now)
+}
+
+/// A new flow to a frontend: refusal, source ranges, backend choice,
+/// SNAT port, conntrack entries, translation. Every heavy step is a
+/// BPF-to-BPF call of its own, made one after the other from here, so the
+/// deepest call chain stays within the verifier's 512-byte stack.
+#[inline(always)]
+fn new_flow<const L3: usize, const EXT: bool>(
+    ctx: &TcContext,
+    pkt: &Packet,
+    svc: &(ServiceKey, ServiceValue),
+    now: u64,
+) -> i32 {
+    crate::verdict(new_flow_inner::<L3, EXT>(ctx, pkt, svc, now))
+}
+
+#[inline(always)]
+fn new_flow_inner<const L3: usize, const EXT: bool>(
+    ctx: &TcContext,
+    pkt: &Packet,
+    svc: &(ServiceKey, ServiceValue),
+    now: u64,
+) -> Result<i32, ()> {
     let (key, value) = svc;
     if value.count == 0 {
         if value.flags & SVC_F_DROP_EMPTY != 0 {
@@ -71,10 +142,11 @@ pub fn forward<const L3: usize>(
         count(Stat::RejectNoBackend);
         return Ok(reject::port_unreachable::<L3>(ctx, pkt));
     }
-    let Some(backend_id) = select_backend(key, value, v4_mapped(pkt.saddr), || flow_hash(pkt), now) else {
-        count(Stat::DropBackendMissing);
+    if value.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(value.svc_id, v4_mapped(pkt.saddr)) {
+        count(Stat::DropSourceRange);
         return Ok(TC_ACT_SHOT);
-    };
+    }
+    let backend_id = select_for_packet(key, value, pkt, now);
     // SAFETY: copied out at once.
     let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }).copied() else {
         count(Stat::DropBackendMissing);
@@ -84,14 +156,83 @@ pub fn forward<const L3: usize>(
         count(Stat::DropBackendMissing);
         return Ok(TC_ACT_SHOT);
     };
-    let Ok(hairpin) = ct::create(pkt, value.svc_id, backend_id, baddr, backend.port, now) else {
+    // An external client's flow to a backend on another node: SNAT.
+    let mut snat_port = 0;
+    if EXT && L3 == ETH_HLEN && backend.flags & BACKEND_F_LOCAL == 0 {
+        match snat::claim(pkt, &backend) {
+            snat::NO_SNAT => {}
+            0 => {
+                count(Stat::DropSnatExhausted);
+                return Ok(TC_ACT_SHOT);
+            }
+            port => snat_port = port as u16,
+        }
+    }
+    let flow = ct::NewFlow { svc_id: value.svc_id, backend_id, baddr, bport: backend.port, snat_port, now };
+    let hairpin = ct::create(pkt, &flow);
+    if hairpin < 0 {
+        if snat_port != 0 {
+            snat::release(pkt, &backend, snat_port);
+        }
         // Fail closed: an untracked flow's replies could not be translated.
         count(Stat::DropCtFull);
         return Ok(TC_ACT_SHOT);
-    };
+    }
     count(Stat::NewFlow);
     frag::remember(pkt);
+    if EXT && snat_port != 0 {
+        count(Stat::SnatNew);
+        return Ok(snat_forward_call::<L3>(ctx, pkt, baddr, backend.port, snat_port));
+    }
     nat_forward::<L3>(ctx, pkt, baddr, backend.port, hairpin != 0)
+}
+
+/// The backend for a new flow of `pkt` (0: none could be chosen). A
+/// BPF-to-BPF call.
+#[inline(always)]
+fn select_for_packet(key: &ServiceKey, svc: &ServiceValue, pkt: &Packet, now: u64) -> u32 {
+    select_backend(key, svc, v4_mapped(pkt.saddr), || flow_hash(pkt), now).unwrap_or(0)
+}
+
+/// [`snat_forward`] as a BPF-to-BPF call.
+#[inline(always)]
+fn snat_forward_call<const L3: usize>(ctx: &TcContext, pkt: &Packet, addr: [u8; 4], port: u16, snat_port: u16) -> i32 {
+    crate::verdict(snat_forward::<L3>(ctx, pkt, addr, port, snat_port))
+}
+
+/// DNAT to the backend and SNAT to the node's address and `snat_port`,
+/// then forwarded by the FIB (the stack would take the node's own source
+/// address on an arriving packet for a martian).
+#[inline(always)]
+fn snat_forward<const L3: usize>(ctx: &TcContext, pkt: &Packet, addr: [u8; 4], port: u16, snat_port: u16) -> Result<i32, ()> {
+    let Some(node) = config().as_ref().and_then(snat::node_addr) else {
+        count(Stat::DropNoRoute);
+        return Ok(TC_ACT_SHOT);
+    };
+    rewrite(ctx, pkt, Side::Dst, addr, port)?;
+    rewrite(ctx, pkt, Side::Src, node, snat_port)?;
+    Ok(fwd::redirect::<L3>(ctx, node, addr, pkt.proto))
+}
+
+/// [`snat_reply`] returns this when the packet is no reply of an SNATed flow.
+pub const NOT_SNAT: i32 = i32::MIN;
+
+/// The reply of an SNATed flow (backend -> node:port, arriving on an
+/// external interface): back to client <- frontend, forwarded by the FIB.
+/// A BPF-to-BPF call; [`NOT_SNAT`] when the packet is not such a reply.
+#[inline(always)]
+pub fn snat_reply<const L3: usize>(ctx: &TcContext, pkt: &Packet, now: u64) -> i32 {
+    let Some(fkey) = snat::reply(pkt, now) else { return NOT_SNAT };
+    crate::verdict(snat_reply_inner::<L3>(ctx, pkt, &fkey))
+}
+
+#[inline(always)]
+fn snat_reply_inner<const L3: usize>(ctx: &TcContext, pkt: &Packet, fkey: &proxy_common::CtKey) -> Result<i32, ()> {
+    let ((client, cport), (front, fport)) = snat::ends(fkey).ok_or(())?;
+    rewrite(ctx, pkt, Side::Dst, client, cport)?;
+    rewrite(ctx, pkt, Side::Src, front, fport)?;
+    count(Stat::SnatReply);
+    Ok(fwd::redirect::<L3>(ctx, front, client, pkt.proto))
 }
 
 /// DNATs to the backend and lets the packet continue (to the other programs

@@ -7,12 +7,14 @@
 
 mod ct;
 mod frag;
+mod fwd;
 mod icmp;
 mod lb;
 mod maps;
 mod nat;
 mod packet;
 mod reject;
+mod snat;
 mod sock;
 mod tc;
 
@@ -30,7 +32,7 @@ use crate::{maps::count, packet::ETH_HLEN};
 pub const TC_ACT_NEXT: i32 = -1;
 
 #[inline(always)]
-fn verdict(r: Result<i32, ()>) -> i32 {
+pub fn verdict(r: Result<i32, ()>) -> i32 {
     match r {
         Ok(v) => v,
         Err(()) => {
@@ -45,7 +47,44 @@ fn verdict(r: Result<i32, ()>) -> i32 {
 /// Ingress of Ethernet devices: DNAT toward Services.
 #[classifier]
 pub fn kp_tc_ingress(ctx: TcContext) -> i32 {
-    verdict(tc::ingress::<ETH_HLEN>(&ctx))
+    verdict(tc::ingress::<ETH_HLEN, false>(&ctx))
+}
+
+/// Ingress of external Ethernet devices (uplinks): DNAT, SNAT toward
+/// remote backends and its replies.
+#[classifier]
+pub fn kp_tc_ingress_ext(ctx: TcContext) -> i32 {
+    verdict(tc::ingress::<ETH_HLEN, true>(&ctx))
+}
+
+/// New flows of `kp_tc_ingress` (tail call).
+#[classifier]
+pub fn kp_tc_new_flow(ctx: TcContext) -> i32 {
+    lb::new_flow_entry::<ETH_HLEN, false>(&ctx)
+}
+
+/// New flows of `kp_tc_ingress_l3` (tail call).
+#[classifier]
+pub fn kp_tc_new_flow_l3(ctx: TcContext) -> i32 {
+    lb::new_flow_entry::<0, false>(&ctx)
+}
+
+/// New flows of `kp_tc_ingress_ext` (tail call).
+#[classifier]
+pub fn kp_tc_new_flow_ext(ctx: TcContext) -> i32 {
+    lb::new_flow_entry::<ETH_HLEN, true>(&ctx)
+}
+
+/// New flows of `kp_tc_ingress_ext_l3` (tail call).
+#[classifier]
+pub fn kp_tc_new_flow_ext_l3(ctx: TcContext) -> i32 {
+    lb::new_flow_entry::<0, true>(&ctx)
+}
+
+/// Ingress of external L3 devices.
+#[classifier]
+pub fn kp_tc_ingress_ext_l3(ctx: TcContext) -> i32 {
+    verdict(tc::ingress::<0, true>(&ctx))
 }
 
 /// Egress of Ethernet devices: reverse NAT of replies.
@@ -57,7 +96,7 @@ pub fn kp_tc_egress(ctx: TcContext) -> i32 {
 /// Ingress of L3 devices (no Ethernet header).
 #[classifier]
 pub fn kp_tc_ingress_l3(ctx: TcContext) -> i32 {
-    verdict(tc::ingress::<0>(&ctx))
+    verdict(tc::ingress::<0, false>(&ctx))
 }
 
 /// Egress of L3 devices (no Ethernet header).

@@ -1,14 +1,14 @@
 //! Every map of the datapath. Types and names come from proxy-common.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, lpm_trie::Key},
     macros::btf_map,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_CT_ANY, DEFAULT_MAX_CT_TCP, DEFAULT_MAX_MAGLEV, DEFAULT_MAX_SERVICE_ENTRIES, FragKey,
-    FragValue, IPPROTO_TCP, MAX_FRAGS, DEFAULT_MAX_SOCK_REV, SockRevKey, SockRevValue, MaglevTable, MemberKey, STAT_COUNT, ServiceKey, ServiceValue,
-    Stat, VipValue,
+    DEFAULT_MAX_CT_ANY, DEFAULT_MAX_CT_TCP, DEFAULT_MAX_MAGLEV, DEFAULT_MAX_SERVICE_ENTRIES, DEFAULT_MAX_SNAT,
+    FragKey, FragValue, IPPROTO_TCP, MAX_FRAGS, MAX_SRC_RANGES, DEFAULT_MAX_SOCK_REV, NodeConfig, SockRevKey,
+    SockRevValue, MaglevTable, MemberKey, STAT_COUNT, ServiceKey, ServiceValue, SrcRange, Stat, VipValue,
 };
 
 /// Maps only the agent writes are allocated as used, not preallocated at
@@ -59,8 +59,26 @@ pub static FRAGS: LruHashMap<FragKey, FragValue, { MAX_FRAGS as usize }> = LruHa
 #[btf_map(name = "kp_sock_rev_v1")]
 pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { DEFAULT_MAX_SOCK_REV as usize }> = LruHashMap::new();
 
+/// SNAT reply tuple (backend -> node:port) -> the flow's forward conntrack
+/// key. A plain hash, like TCP conntrack: under pressure new flows lose;
+/// the agent's collector removes entries whose flow is gone.
+#[btf_map(name = "kp_snat_v1")]
+pub static SNAT: HashMap<CtKey, CtKey, { DEFAULT_MAX_SNAT as usize }> = HashMap::new();
+
+/// Node-wide settings (index 0), written by the agent.
+#[btf_map(name = "kp_config_v1")]
+pub static CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// loadBalancerSourceRanges: (frontend id, prefix) -> 1.
+#[btf_map(name = "kp_srcrange_v1")]
+pub static SRC_RANGES: LpmTrie<SrcRange, u32, { MAX_SRC_RANGES as usize }> = LpmTrie::new();
+
+/// Tail calls (see proxy_common::CALL_NEW_FLOW); filled by the agent.
+#[btf_map(name = "kp_calls_v1")]
+pub static CALLS: ProgramArray<{ proxy_common::CALL_COUNT as usize }> = ProgramArray::new();
+
 /// Per-CPU counters indexed by `Stat`.
-#[btf_map(name = "kp_stats_v2")]
+#[btf_map(name = "kp_stats_v3")]
 pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
 
 #[inline(always)]
@@ -92,4 +110,17 @@ pub fn ct_remove(key: &CtKey) {
 #[inline(always)]
 pub fn is_member(svc_id: u32, backend_id: u32) -> bool {
     MEMBERS.get_ptr(&MemberKey { svc_id, backend_id }).is_some()
+}
+
+/// The node's settings (all zero until the agent wrote them).
+#[inline(always)]
+pub fn config() -> Option<NodeConfig> {
+    CONFIG.get(0).copied()
+}
+
+/// Whether `client` may open flows to frontend `svc_id` under its source ranges.
+#[inline(always)]
+pub fn source_allowed(svc_id: u32, client: [u8; 16]) -> bool {
+    let key = Key::new(proxy_common::src_range_prefix_v4(32), SrcRange { svc_id: svc_id.to_be_bytes(), addr: client });
+    SRC_RANGES.get(&key).is_some()
 }

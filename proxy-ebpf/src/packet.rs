@@ -94,19 +94,24 @@ pub fn parse<const L3: usize>(ctx: &TcContext) -> Result<Packet, Stat> {
             return Err(Stat::PassNotIpv4);
         }
     }
-    let ip: [u8; 20] = ctx.load(L3).map_err(|_| Stat::PassNotIpv4)?;
-    if ip[0] >> 4 != 4 {
+    // The IPv4 header as five words (read as words, not 20 separate bytes,
+    // which the compiler would keep in as many stack slots).
+    let ip: [u32; 5] = ctx.load(L3).map_err(|_| Stat::PassNotIpv4)?;
+    let w0 = u32::from_be(ip[0]); // version, IHL, TOS, total length
+    let w1 = u32::from_be(ip[1]); // identification, flags, fragment offset
+    let w2 = u32::from_be(ip[2]); // TTL, protocol, checksum
+    if w0 >> 28 != 4 {
         return Err(Stat::PassNotIpv4);
     }
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let ihl = ((w0 >> 24) & 0x0f) as usize * 4;
     if ihl < 20 {
         return Err(Stat::PassNotIpv4);
     }
-    let proto = ip[9];
+    let proto = ((w2 >> 16) & 0xff) as u8;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP {
         return Err(Stat::PassOtherProto);
     }
-    let frag_field = u16::from_be_bytes([ip[6], ip[7]]);
+    let frag_field = (w1 & 0xffff) as u16;
     let frag = if frag_field & 0x1fff != 0 {
         Frag::Later
     } else if frag_field & 0x2000 != 0 {
@@ -117,8 +122,8 @@ pub fn parse<const L3: usize>(ctx: &TcContext) -> Result<Packet, Stat> {
     let l4_off = L3 + ihl;
     let mut pkt = Packet {
         l3: L3,
-        saddr: [ip[12], ip[13], ip[14], ip[15]],
-        daddr: [ip[16], ip[17], ip[18], ip[19]],
+        saddr: ip[3].to_ne_bytes(),
+        daddr: ip[4].to_ne_bytes(),
         sport: 0,
         dport: 0,
         proto,
@@ -127,7 +132,7 @@ pub fn parse<const L3: usize>(ctx: &TcContext) -> Result<Packet, Stat> {
         l4_off,
         ihl,
         frag,
-        ip_id: u16::from_be_bytes([ip[4], ip[5]]),
+        ip_id: (w1 >> 16) as u16,
     };
     if frag == Frag::Later {
         return Ok(pkt);
@@ -136,9 +141,9 @@ pub fn parse<const L3: usize>(ctx: &TcContext) -> Result<Packet, Stat> {
         pkt.icmp_type = ctx.load::<u8>(l4_off).map_err(|_| Stat::PassOtherProto)?;
         return Ok(pkt);
     }
-    let ports: [u8; 4] = ctx.load(l4_off).map_err(|_| Stat::PassOtherProto)?;
-    pkt.sport = u16::from_be_bytes([ports[0], ports[1]]);
-    pkt.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    let ports = u32::from_be(ctx.load::<u32>(l4_off).map_err(|_| Stat::PassOtherProto)?);
+    pkt.sport = (ports >> 16) as u16;
+    pkt.dport = (ports & 0xffff) as u16;
     if proto == IPPROTO_TCP {
         pkt.tcp_flags = ctx.load::<u8>(l4_off + 13).map_err(|_| Stat::PassOtherProto)?;
     }

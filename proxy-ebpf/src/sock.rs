@@ -17,13 +17,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_DROP_EMPTY, ServiceKey, SockRevKey, SockRevValue, Stat,
+    IPPROTO_TCP, IPPROTO_UDP, SVC_F_DROP_EMPTY, SVC_F_SOURCE_RANGES, ServiceKey, SockRevKey, SockRevValue, Stat,
     VIP_F_CLUSTER_IP, VIP_F_NODE, v4_mapped, v4_of_mapped,
 };
 
 use crate::{
-    lb::{lookup_vip, select_backend},
-    maps::{BACKENDS, SERVICES, SOCK_REV, count},
+    lb::{lookup_service, lookup_vip, select_backend},
+    maps::{BACKENDS, SOCK_REV, count},
 };
 
 /// 1: translate only sockets of the host network namespace (set at load).
@@ -82,9 +82,9 @@ pub fn translate(ctx: &SockAddrContext, hook: Hook) -> i32 {
         return ALLOW;
     }
     let dport = u16::from_be(port as u16);
-    let key = ServiceKey { addr: v4_mapped(daddr), port: dport, proto, scope: SCOPE_EXTERNAL, slot: 0, _pad: 0 };
-    // SAFETY: copied out at once.
-    let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
+    // Sockets are always inside the cluster (pods, the node): the internal
+    // scope of two-scope frontends.
+    let Some((key, svc)) = lookup_service(v4_mapped(daddr), dport, proto, true) else {
         if vip.flags & VIP_F_CLUSTER_IP != 0 && vip.flags & VIP_F_NODE == 0 {
             count(Stat::SockRefused);
             // SAFETY: helper without memory arguments.
@@ -96,6 +96,11 @@ pub fn translate(ctx: &SockAddrContext, hook: Hook) -> i32 {
     if svc.count == 0 && svc.flags & SVC_F_DROP_EMPTY != 0 {
         // Dropped, not refused, by kube-proxy: leave the packets to TC,
         // which drops them (a host process's have no route anyway).
+        return ALLOW;
+    }
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 {
+        // The source address is not known at connect(): leave the
+        // source-range check to TC (pods) or to the LB (host processes).
         return ALLOW;
     }
     if svc.count == 0 {

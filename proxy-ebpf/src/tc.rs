@@ -16,7 +16,7 @@ use crate::{
     lb::{self, lookup_vip},
     maps::count,
     nat::{Side, rewrite, swap_macs},
-    packet::{self, is_icmp_error},
+    packet::{self, ETH_HLEN, Packet, is_icmp_error},
     reject,
 };
 
@@ -27,9 +27,12 @@ fn refuses_unknown(flags: u32) -> bool {
     flags & VIP_F_CLUSTER_IP != 0 && flags & VIP_F_NODE == 0
 }
 
-/// Ingress: DNAT toward Services, refusals, hairpin replies.
+/// Ingress: DNAT toward Services, refusals, hairpin replies. `EXT`: an
+/// external interface (uplink): its clients are outside the cluster (the
+/// external scope of two-scope frontends), their flows to backends on other
+/// nodes are SNATed, and the replies of those flows come back here.
 #[inline(always)]
-pub fn ingress<const L3: usize>(ctx: &TcContext) -> Result<i32, ()> {
+pub fn ingress<const L3: usize, const EXT: bool>(ctx: &TcContext) -> Result<i32, ()> {
     let mut pkt = match packet::parse::<L3>(ctx) {
         Ok(p) => p,
         Err(reason) => {
@@ -41,7 +44,11 @@ pub fn ingress<const L3: usize>(ctx: &TcContext) -> Result<i32, ()> {
     let now = unsafe { bpf_ktime_get_ns() };
     let vip = lookup_vip(pkt.daddr);
     if pkt.proto == IPPROTO_ICMP {
-        if icmp::translate(ctx, &pkt, now, false)? {
+        let t = icmp::translate_call(ctx, &pkt, now, false);
+        if t < 0 {
+            return Err(());
+        }
+        if t > 0 {
             count(Stat::IcmpErrorNat);
             return Ok(TC_ACT_NEXT);
         }
@@ -70,23 +77,19 @@ pub fn ingress<const L3: usize>(ctx: &TcContext) -> Result<i32, ()> {
         count(Stat::PassNoService);
         return Ok(TC_ACT_NEXT);
     };
-    if let Some(svc) = lb::lookup_frontend(&pkt) {
-        return lb::forward::<L3>(ctx, &pkt, &svc, now);
+    if let Some(svc) = lb::lookup_frontend::<EXT>(&pkt) {
+        return lb::forward::<L3, EXT>(ctx, &pkt, &svc, now);
+    }
+    if EXT && L3 == ETH_HLEN && vip.flags & VIP_F_NODE != 0 {
+        let verdict = lb::snat_reply::<L3>(ctx, &pkt, now);
+        if verdict != lb::NOT_SNAT {
+            return Ok(verdict);
+        }
     }
     // A hairpin reply is addressed to the frontend, and comes back here.
-    if let Some(r) = ct::reply_lookup(&pkt, now)
-        && r.flags & CT_F_HAIRPIN != 0
-    {
-        let vip_addr = v4_of_mapped(&r.nat_addr).ok_or(())?;
-        count(Stat::Hairpin);
-        rewrite(ctx, &pkt, Side::Src, vip_addr, r.nat_port)?;
-        // Back to the pod that is both client and backend: destination
-        // becomes its own address again, out of the interface it came in on.
-        rewrite(ctx, &pkt, Side::Dst, pkt.saddr, pkt.dport)?;
-        swap_macs::<L3>(ctx)?;
-        // SAFETY: reading the ingress ifindex of the skb we were handed.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        return Ok(unsafe { bpf_redirect(ifindex, 0) } as i32);
+    let v = hairpin_reply::<L3>(ctx, &pkt, now);
+    if v != NOT_HAIRPIN {
+        return Ok(v);
     }
     if refuses_unknown(vip.flags) {
         count(Stat::RejectUnknownPort);
@@ -94,6 +97,34 @@ pub fn ingress<const L3: usize>(ctx: &TcContext) -> Result<i32, ()> {
     }
     count(Stat::PassNoService);
     Ok(TC_ACT_NEXT)
+}
+
+const NOT_HAIRPIN: i32 = i32::MIN;
+
+/// The reply of a hairpin flow (a pod through its own Service), addressed
+/// to the frontend: back to the pod, out of the interface it came in on.
+/// A BPF-to-BPF call; [`NOT_HAIRPIN`] for anything else.
+#[inline(always)]
+fn hairpin_reply<const L3: usize>(ctx: &TcContext, pkt: &Packet, now: u64) -> i32 {
+    let Some(r) = ct::reply_lookup(pkt, now) else { return NOT_HAIRPIN };
+    if r.flags & CT_F_HAIRPIN == 0 {
+        return NOT_HAIRPIN;
+    }
+    crate::verdict(hairpin_back::<L3>(ctx, pkt, &r))
+}
+
+#[inline(always)]
+fn hairpin_back<const L3: usize>(ctx: &TcContext, pkt: &Packet, r: &proxy_common::CtValue) -> Result<i32, ()> {
+    let vip_addr = v4_of_mapped(&r.nat_addr).ok_or(())?;
+    count(Stat::Hairpin);
+    rewrite(ctx, pkt, Side::Src, vip_addr, r.nat_port)?;
+    // Back to the pod that is both client and backend: destination
+    // becomes its own address again, out of the interface it came in on.
+    rewrite(ctx, pkt, Side::Dst, pkt.saddr, pkt.dport)?;
+    swap_macs::<L3>(ctx)?;
+    // SAFETY: reading the ingress ifindex of the skb we were handed.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
 /// Egress: the reverse NAT of replies toward clients (and ICMP errors about
@@ -106,8 +137,10 @@ pub fn egress<const L3: usize>(ctx: &TcContext) -> Result<i32, ()> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if pkt.proto == IPPROTO_ICMP {
-        if icmp::translate(ctx, &pkt, now, true)? {
-            count(Stat::IcmpErrorNat);
+        match icmp::translate_call(ctx, &pkt, now, true) {
+            1 => count(Stat::IcmpErrorNat),
+            0 => {}
+            _ => return Err(()),
         }
         return Ok(TC_ACT_NEXT);
     }
