@@ -270,7 +270,7 @@ impl EchoServer {
             rt.spawn(async move {
                 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
                 let Ok(l) = tokio::net::TcpListener::from_std(tcp) else { return };
-                while let Ok((mut conn, _)) = l.accept().await {
+                while let Ok((mut conn, peer)) = l.accept().await {
                     let reply = reply.clone();
                     tokio::spawn(async move {
                         let _ = conn.set_nodelay(true);
@@ -278,8 +278,9 @@ impl EchoServer {
                         loop {
                             match conn.read(&mut buf).await {
                                 Ok(0) | Err(_) => break,
-                                Ok(_) => {
-                                    if conn.write_all(&reply).await.is_err() {
+                                Ok(n) => {
+                                    let out = answer(&reply, &buf[..n], peer);
+                                    if conn.write_all(&out).await.is_err() {
                                         break;
                                     }
                                 }
@@ -292,12 +293,54 @@ impl EchoServer {
         rt.spawn(async move {
             let Ok(u) = tokio::net::UdpSocket::from_std(udp) else { return };
             let mut buf = [0u8; 2048];
-            while let Ok((_, from)) = u.recv_from(&mut buf).await {
-                let _ = u.send_to(&reply, from).await;
+            while let Ok((n, from)) = u.recv_from(&mut buf).await {
+                let _ = u.send_to(&answer(&reply, &buf[..n], from), from).await;
             }
         });
         Ok(Self { name: name.to_owned(), rt: Some(rt) })
     }
+}
+
+/// The echo server's answer: its name, or to a request starting with
+/// `peer?`, its name and the client address it saw (`b0 10.0.0.1:4242`).
+fn answer(name: &[u8], req: &[u8], peer: SocketAddr) -> Vec<u8> {
+    if req.starts_with(b"peer?") {
+        let n = String::from_utf8_lossy(name);
+        format!("{} {peer}\n", n.trim()).into_bytes()
+    } else {
+        name.to_vec()
+    }
+}
+
+/// Asks the server behind `to` (TCP, new connection from `ns`) who it is
+/// and whom it saw: (name, the client address the server saw).
+pub fn tcp_who(ns: &Netns, to: SocketAddrV4, timeout: Duration) -> anyhow::Result<(String, SocketAddr)> {
+    let mut s = tcp_connect(ns, to, timeout)?;
+    s.write_all(b"peer?\n")?;
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf)?;
+    parse_who(&buf[..n])
+}
+
+/// Like [`tcp_who`], over UDP (unconnected socket); also checks that the
+/// answer came from `to` (the client sees the address it sent to).
+pub fn udp_who(ns: &Netns, to: SocketAddrV4, timeout: Duration) -> anyhow::Result<(String, SocketAddr)> {
+    let sock = ns.run(|| UdpSocket::bind("0.0.0.0:0"))?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send_to(b"peer?", to)?;
+    let mut buf = [0u8; 256];
+    let (n, from) = sock.recv_from(&mut buf).with_context(|| format!("udp answer from {to}"))?;
+    if from != SocketAddr::V4(to) {
+        bail!("the answer came from {from}, not {to}");
+    }
+    parse_who(&buf[..n])
+}
+
+fn parse_who(b: &[u8]) -> anyhow::Result<(String, SocketAddr)> {
+    let text = String::from_utf8_lossy(b);
+    let mut it = text.split_whitespace();
+    let (Some(name), Some(peer)) = (it.next(), it.next()) else { bail!("unexpected answer {text:?}") };
+    Ok((name.to_owned(), peer.parse().with_context(|| format!("answer {text:?}"))?))
 }
 
 impl Drop for EchoServer {
@@ -484,6 +527,7 @@ impl Drop for RequestStream {
 
 pub mod bpf;
 pub mod tun;
+pub mod two_node;
 
 /// Opens a TCP connection from `ns` using local port `local_port`
 /// (`SO_REUSEADDR`, so a port whose earlier connection is in TIME_WAIT
