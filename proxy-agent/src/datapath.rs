@@ -79,6 +79,8 @@ pub struct DatapathConfig {
     pub external_interfaces: Vec<String>,
     /// SNAT port range (first, last).
     pub snat_ports: (u16, u16),
+    /// XDP on the external interfaces.
+    pub acceleration: Acceleration,
 }
 
 /// Socket-level load balancing (`--socket-lb`).
@@ -121,6 +123,32 @@ impl Default for DatapathConfig {
             cgroup_root: None,
             external_interfaces: default_external_interfaces(),
             snat_ports: (proxy_common::DEFAULT_SNAT_PORT_MIN, proxy_common::DEFAULT_SNAT_PORT_MAX),
+            acceleration: Acceleration::None,
+        }
+    }
+}
+
+/// XDP on external interfaces (`--nodeport-acceleration`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Acceleration {
+    /// TC only.
+    #[default]
+    None,
+    /// XDP in the driver (veth, most physical NICs); falls back to generic
+    /// where the driver has no XDP.
+    Native,
+    /// XDP after the driver (any device; slower than native).
+    Generic,
+}
+
+impl std::str::FromStr for Acceleration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" | "disabled" => Ok(Self::None),
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            other => Err(format!("--nodeport-acceleration must be none, native or generic, not {other:?}")),
         }
     }
 }
@@ -209,8 +237,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     cfg: DatapathConfig,
     migrations: Vec<Migration>,
-    /// The tail-call map (kept open with the programs that use it).
-    _calls: aya::maps::ProgramArray<MapData>,
+    /// The tail-call maps (kept open with the programs that use them).
+    _calls: [aya::maps::ProgramArray<MapData>; 2],
 }
 
 /// A second handle on a pinned map, typed.
@@ -334,6 +362,23 @@ impl Datapath {
                 .try_into()?;
             prog.load().with_context(|| format!("the verifier rejected the TC program {name}"))?;
         }
+        for name in [proxy_common::PROG_XDP, proxy_common::PROG_XDP_NEW_FLOW, proxy_common::PROG_XDP_PASS] {
+            let prog: &mut aya::programs::Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("the verifier rejected the XDP program {name}"))?;
+        }
+        let mut xcalls: aya::maps::ProgramArray<MapData> = aya::maps::ProgramArray::try_from(
+            ebpf.take_map(proxy_common::MAP_XCALLS).ok_or_else(|| anyhow!("map {} missing", proxy_common::MAP_XCALLS))?,
+        )?;
+        {
+            let prog: &aya::programs::Xdp = ebpf
+                .program(proxy_common::PROG_XDP_NEW_FLOW)
+                .ok_or_else(|| anyhow!("program {} missing", proxy_common::PROG_XDP_NEW_FLOW))?
+                .try_into()?;
+            xcalls.set(0, prog.fd()?, 0).context("filling the XDP tail-call map")?;
+        }
         // The tail calls, before any ingress program can run.
         let mut calls: aya::maps::ProgramArray<MapData> = aya::maps::ProgramArray::try_from(
             ebpf.take_map(proxy_common::MAP_CALLS).ok_or_else(|| anyhow!("map {} missing", proxy_common::MAP_CALLS))?,
@@ -364,7 +409,7 @@ impl Datapath {
             let _ = fs::remove_file(pin_dir.join(old));
         }
         ensure_meta(&pin_dir)?;
-        Ok(Self { ebpf, cfg: cfg.clone(), migrations, _calls: calls })
+        Ok(Self { ebpf, cfg: cfg.clone(), migrations, _calls: [calls, xcalls] })
     }
 
     /// Once the new programs are attached everywhere: copies the conntrack
@@ -450,7 +495,67 @@ impl Datapath {
         };
         let [pin_in, pin_eg] = link_pin_names(iface);
         self.attach_one(iface, ing, TcAttachType::Ingress, pin_in, LinkOrder::first())?;
-        self.attach_one(iface, eg, TcAttachType::Egress, pin_eg, LinkOrder::last())
+        self.attach_one(iface, eg, TcAttachType::Egress, pin_eg, LinkOrder::last())?;
+        let xdp = if external && iface.kind == DeviceKind::Ethernet { self.cfg.acceleration } else { Acceleration::None };
+        match self.attach_xdp(iface, xdp) {
+            Ok(mode) => tracing::info!(iface = %iface.name, xdp = mode, "XDP acceleration"),
+            // TC translates everything XDP would: a failed XDP attach costs speed only.
+            Err(e) => tracing::warn!(iface = %iface.name, error = format!("{e:#}"), "XDP not attached; the TC path serves this interface"),
+        }
+        Ok(())
+    }
+
+    /// Attaches (or removes) the XDP program on `iface`; returns the mode it
+    /// got. Links are pinned as `links/xn_` (native) or `xg_` (generic)
+    /// `<ifindex>_<name>`; a restarted agent swaps the program behind its
+    /// pinned link atomically. XDP only accelerates: while it is absent the
+    /// TC path translates the same flows, so switching modes loses nothing.
+    fn attach_xdp(&mut self, iface: &Iface, want: Acceleration) -> anyhow::Result<&'static str> {
+        use aya::programs::{Xdp, XdpMode};
+        let links = self.cfg.pin_dir().join("links");
+        let safe = iface.name.replace('.', "_");
+        let native = links.join(format!("xn_{}_{safe}", iface.index));
+        let generic = links.join(format!("xg_{}_{safe}", iface.index));
+        let keep = match want {
+            Acceleration::None => None,
+            Acceleration::Native => Some(&native),
+            Acceleration::Generic => Some(&generic),
+        };
+        for pin in [&native, &generic] {
+            if Some(pin) != keep && pin.exists() {
+                unpin_link(pin);
+            }
+        }
+        let Some(pin) = keep.cloned() else { return Ok("none") };
+        let prog: &mut Xdp =
+            self.ebpf.program_mut(proxy_common::PROG_XDP).ok_or_else(|| anyhow!("program kp_xdp missing"))?.try_into()?;
+        let prog_fd = prog.fd()?.as_fd().try_clone_to_owned()?;
+        if pin.exists() {
+            match PinnedLink::from_pin(&pin) {
+                Ok(p) => {
+                    let link: FdLink = p.into();
+                    if link_update(&link, prog_fd.as_fd()).is_ok() {
+                        std::mem::forget(link);
+                        return Ok(if want == Acceleration::Native { "native" } else { "generic" });
+                    }
+                }
+                Err(e) => tracing::warn!(pin = %pin.display(), error = %e, "unreadable XDP link pin; attaching anew"),
+            }
+            unpin_link(&pin);
+        }
+        let (id, got, pin) = match want {
+            Acceleration::Native => match prog.attach_to_if_index(iface.index, XdpMode::Driver) {
+                Ok(id) => (id, "native", pin),
+                Err(e) => {
+                    tracing::warn!(iface = %iface.name, error = %e, "native XDP unavailable on this device; using generic XDP");
+                    (prog.attach_to_if_index(iface.index, XdpMode::Skb)?, "generic", generic.clone())
+                }
+            },
+            _ => (prog.attach_to_if_index(iface.index, XdpMode::Skb)?, "generic", pin),
+        };
+        let link: FdLink = prog.take_link(id)?.try_into().map_err(|e| anyhow!("XDP link is not a bpf link: {e:?}"))?;
+        link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+        Ok(got)
     }
 
     fn attach_one(
@@ -596,7 +701,7 @@ impl Datapath {
         let Ok(entries) = fs::read_dir(self.cfg.pin_dir().join("links")) else { return removed };
         for e in entries.flatten() {
             let pin = e.file_name().to_string_lossy().into_owned();
-            if !(pin.starts_with("in_") || pin.starts_with("eg_")) {
+            if parse_link_pin(&pin).is_none() {
                 continue; // socket program links are not per interface
             }
             let keep = parse_link_pin(&pin)
@@ -696,7 +801,7 @@ fn link_pin_names(iface: &Iface) -> [String; 2] {
 
 /// (index, name) of a link pin made by [`link_pin_names`].
 fn parse_link_pin(pin: &str) -> Option<(u32, &str)> {
-    let rest = pin.strip_prefix("in_").or_else(|| pin.strip_prefix("eg_"))?;
+    let rest = ["in_", "eg_", "xn_", "xg_"].iter().find_map(|p| pin.strip_prefix(p))?;
     let (index, name) = rest.split_once('_')?;
     Some((index.parse().ok()?, name))
 }

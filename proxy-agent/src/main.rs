@@ -137,6 +137,12 @@ struct DpArgs {
     /// (reserved in net.ipv4.ip_local_reserved_ports).
     #[arg(global = true, long, env = "KPROXY_SNAT_PORT_RANGE", default_value = "61000-65535", value_parser = parse_port_range)]
     snat_port_range: (u16, u16),
+    /// XDP on the external interfaces: `native` (in the driver; generic
+    /// where the driver has none), `generic`, or `none`. NodePort,
+    /// LoadBalancer and externalIP flows are then translated and forwarded
+    /// before the stack; TC still handles what XDP cannot.
+    #[arg(global = true, long, env = "KPROXY_NODEPORT_ACCELERATION", default_value = "none")]
+    nodeport_acceleration: datapath::Acceleration,
     /// Capacity of the SNAT map (one entry per SNATed flow; when full, new
     /// SNATed flows are dropped, others keep working).
     #[arg(global = true, long, env = "KPROXY_MAX_SNAT", default_value_t = proxy_common::DEFAULT_MAX_SNAT)]
@@ -166,6 +172,7 @@ impl DpArgs {
             cgroup_root: self.cgroup_root.clone(),
             external_interfaces: self.external_interfaces.clone(),
             snat_ports: self.snat_port_range,
+            acceleration: self.nodeport_acceleration,
             max_snat: self.max_snat,
             ..DatapathConfig::default()
         }

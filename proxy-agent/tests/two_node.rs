@@ -28,6 +28,9 @@ const T: Duration = Duration::from_secs(2);
 const SILENT: Duration = Duration::from_millis(700);
 
 struct Env {
+    /// `kp_xdp_pass` on the fabric side of each uplink (a veth that
+    /// receives XDP_TX frames needs an XDP program); dropped last.
+    _xdp_peers: Option<aya::Ebpf>,
     agents: Vec<Agent>,
     cfgs: Vec<AgentConfig>,
     servers: Vec<EchoServer>,
@@ -39,6 +42,10 @@ impl Env {
     /// BACKEND_PORT, named `p<node><i>`), `clients` outside clients, and an
     /// agent on each node.
     fn new(tag: &str, pods: usize, clients: usize) -> Self {
+        Self::with(tag, pods, clients, datapath::Acceleration::None)
+    }
+
+    fn with(tag: &str, pods: usize, clients: usize, acceleration: datapath::Acceleration) -> Self {
         require_root();
         let prefix = unique_prefix(tag);
         let topo = TwoNode::build(&prefix, pods, clients, true).expect("two-node topology");
@@ -58,6 +65,7 @@ impl Env {
                     max_conntrack_other: 65536,
                     max_snat: 4096,
                     external_interfaces: vec!["eth0".into()],
+                    acceleration,
                     ..Default::default()
                 },
                 interfaces: vec!["eth0".into(), "veth*".into()],
@@ -75,7 +83,23 @@ impl Env {
             agents.push(agent);
             cfgs.push(cfg);
         }
-        Self { agents, cfgs, servers, topo }
+        let xdp_peers = (acceleration != datapath::Acceleration::None).then(|| {
+            topo.fabric.run(|| {
+                let mut ebpf = aya::EbpfLoader::new()
+                    .set_max_entries(proxy_common::MAP_CT_TCP, 16)
+                    .set_max_entries(proxy_common::MAP_CT_ANY, 16)
+                    .load(datapath::EBPF_OBJECT)
+                    .expect("loading the object for kp_xdp_pass");
+                let prog: &mut aya::programs::Xdp =
+                    ebpf.program_mut(proxy_common::PROG_XDP_PASS).unwrap().try_into().unwrap();
+                prog.load().expect("kp_xdp_pass");
+                for peer in ["up0", "up1"] {
+                    prog.attach(peer, aya::programs::XdpMode::Driver).expect("kp_xdp_pass on the fabric side");
+                }
+                ebpf
+            })
+        });
+        Self { _xdp_peers: xdp_peers, agents, cfgs, servers, topo }
     }
 
     /// Programs both nodes from the same objects.
@@ -103,6 +127,17 @@ impl Env {
         Ipv4Addr::new(192, 168, 50, 100 + c as u8)
     }
 
+    /// Every non-zero counter of both nodes, for failure messages.
+    fn stats(&self) -> String {
+        let mut out = String::new();
+        for (i, c) in self.cfgs.iter().enumerate() {
+            let s = datapath::read_stats(&c.datapath.pin_dir()).unwrap();
+            let nz: Vec<String> = s.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{}={v}", k.name())).collect();
+            out.push_str(&format!("node {i}: {}\n", nz.join(" ")));
+        }
+        out
+    }
+
     fn stat(&self, n: usize, stat: Stat) -> u64 {
         datapath::read_stats(&self.cfgs[n].datapath.pin_dir()).unwrap().into_iter().find(|(s, _)| *s == stat).unwrap().1
     }
@@ -111,6 +146,7 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         self.agents.clear();
+        self._xdp_peers = None;
         for c in &self.cfgs {
             let _ = datapath::cleanup(&c.datapath.pin_dir());
         }
@@ -292,4 +328,37 @@ fn load_balancer_source_ranges_admit_one_client_and_drop_another_and_proxy_ip_mo
     let addrs: Vec<[u8; 16]> = vips.vips().unwrap().into_iter().map(|(a, _)| a).collect();
     assert!(!addrs.contains(&proxy_common::v4_mapped([172, 18, 0, 61])), "no Service address for the Proxy-mode IP");
     assert!(addrs.contains(&proxy_common::v4_mapped([172, 18, 0, 60])));
+}
+
+#[test]
+fn xdp_takes_the_fast_path_for_nodeport_flows_to_either_node() {
+    let mut env = Env::with("2x", 1, 1, datapath::Acceleration::Native);
+    let a = service("a", "10.96.4.1", "NodePort", 30121, "", &[(env.pod_ip(1, 0), "node-b")]);
+    let b = service("b", "10.96.4.2", "NodePort", 30122, "", &[(env.pod_ip(0, 0), "node-a")]);
+    env.apply(&(a + &b));
+    // Remote backend (SNAT, forwarded by XDP both ways) and local backend
+    // (translated by XDP, delivered by the stack), TCP and UDP.
+    for _ in 0..20 {
+        let (who, peer) = tcp_who(env.client(0), sa(env.node_ip(0), 30121), T)
+            .unwrap_or_else(|e| {
+                let c = env.client(0).exec("nstat", &["-az", "TcpInCsumErrors", "UdpInCsumErrors", "TcpInSegs", "IpInHdrErrors", "IpInAddrErrors"]).unwrap_or_default();
+                let p = env.topo.nodes[1].pods[0].ns.exec("nstat", &["-az", "TcpInCsumErrors", "TcpInSegs", "TcpOutSegs"]).unwrap_or_default();
+                panic!("TCP, remote backend: {e:#}\n{}\nclient:\n{c}\npod:\n{p}", env.stats())
+            });
+        assert_eq!((who.as_str(), peer.ip()), ("p10", std::net::IpAddr::V4(env.node_ip(0))));
+        let (who, _) = udp_who(env.client(0), sa(env.node_ip(0), 30121), T).expect("UDP, remote backend");
+        assert_eq!(who, "p10");
+        let (who, peer) = tcp_who(env.client(0), sa(env.node_ip(0), 30122), T).expect("TCP, local backend");
+        assert_eq!((who.as_str(), peer.ip()), ("p00", std::net::IpAddr::V4(env.client_ip(0))));
+    }
+    // Long-lived flow: every packet after the first few goes through XDP.
+    let mut s = tcp_connect(env.client(0), sa(env.node_ip(0), 30121), T).unwrap();
+    for _ in 0..50 {
+        assert_eq!(proxy_testkit::tcp_exchange(&mut s).unwrap(), "p10");
+    }
+    let tx = env.stat(0, Stat::XdpTx);
+    let to_stack = env.stat(0, Stat::XdpPassTranslated);
+    assert!(tx >= 100, "SNAT flows forwarded by XDP_TX: {tx}");
+    assert!(to_stack >= 20, "local-backend flows translated in XDP: {to_stack}");
+    assert!(env.stat(0, Stat::SnatNew) >= 40 && env.stat(0, Stat::SnatReply) >= 40);
 }

@@ -65,7 +65,7 @@ pub const PROG_TC_NEW_FLOW: [&str; 4] =
     ["kp_tc_new_flow", "kp_tc_new_flow_l3", "kp_tc_new_flow_ext", "kp_tc_new_flow_ext_l3"];
 /// Every map of the eBPF object, in the order the agent adopts/creates them
 /// ([`MAP_META`] is the agent's own and not part of the object).
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 16] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CT_TCP,
@@ -81,6 +81,7 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_CONFIG,
     MAP_SRC_RANGES,
     MAP_CALLS,
+    MAP_XCALLS,
 ];
 /// Pins of earlier layouts; removed once the new datapath is attached.
 pub const RETIRED_MAPS: [&str; 3] = ["kp_ct_v1", "kp_stats_v1", "kp_stats_v2"];
@@ -101,6 +102,13 @@ pub const PROG_TC_INGRESS_EXT_L3: &str = "kp_tc_ingress_ext_l3";
 /// LoadBalancer and externalIP flows translated and forwarded before the
 /// stack; anything it cannot finish continues to the TC path.
 pub const PROG_XDP: &str = "kp_xdp";
+/// `kp_xdp`'s new-flow program (tail call, slot 0 of [`MAP_XCALLS`]).
+pub const PROG_XDP_NEW_FLOW: &str = "kp_xdp_new_flow";
+/// An XDP program that passes everything (for veth peers that receive
+/// XDP_TX or redirected frames).
+pub const PROG_XDP_PASS: &str = "kp_xdp_pass";
+/// The XDP program's tail calls (pinned, as [`MAP_CALLS`]).
+pub const MAP_XCALLS: &str = "kp_xcalls_v1";
 
 /// cgroup socket programs (socket-level load balancing).
 pub const PROG_SOCK_CONNECT4: &str = "kp_sock_connect4";

@@ -190,7 +190,7 @@ fn new_flow_inner<const L3: usize, const EXT: bool>(
 /// The backend for a new flow of `pkt` (0: none could be chosen). A
 /// BPF-to-BPF call.
 #[inline(always)]
-fn select_for_packet(key: &ServiceKey, svc: &ServiceValue, pkt: &Packet, now: u64) -> u32 {
+pub fn select_for_packet(key: &ServiceKey, svc: &ServiceValue, pkt: &Packet, now: u64) -> u32 {
     select_backend(key, svc, v4_mapped(pkt.saddr), || flow_hash(pkt), now).unwrap_or(0)
 }
 

@@ -17,11 +17,12 @@ mod reject;
 mod snat;
 mod sock;
 mod tc;
+mod xdp;
 
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    bindings::{TC_ACT_SHOT, xdp_action::XDP_PASS},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use proxy_common::Stat;
 
@@ -103,6 +104,25 @@ pub fn kp_tc_ingress_l3(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn kp_tc_egress_l3(ctx: TcContext) -> i32 {
     verdict(tc::egress::<0>(&ctx))
+}
+
+/// XDP on external interfaces (`--nodeport-acceleration`).
+#[xdp]
+pub fn kp_xdp(ctx: XdpContext) -> u32 {
+    xdp::ingress(&ctx)
+}
+
+/// New flows of `kp_xdp` (tail call).
+#[xdp]
+pub fn kp_xdp_new_flow(ctx: XdpContext) -> u32 {
+    xdp::new_flow(&ctx)
+}
+
+/// Passes everything: for the peer of a veth that receives XDP_TX or
+/// redirected frames (a veth needs an XDP program on the receiving side).
+#[xdp]
+pub fn kp_xdp_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
 }
 
 /// cgroup connect(): TCP and connected UDP to a Service go to a backend.

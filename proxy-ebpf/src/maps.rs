@@ -77,6 +77,10 @@ pub static SRC_RANGES: LpmTrie<SrcRange, u32, { MAX_SRC_RANGES as usize }> = Lpm
 #[btf_map(name = "kp_calls_v1")]
 pub static CALLS: ProgramArray<{ proxy_common::CALL_COUNT as usize }> = ProgramArray::new();
 
+/// The XDP program's tail call (slot 0: its new-flow program).
+#[btf_map(name = "kp_xcalls_v1")]
+pub static XCALLS: ProgramArray<1> = ProgramArray::new();
+
 /// Per-CPU counters indexed by `Stat`.
 #[btf_map(name = "kp_stats_v3")]
 pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();

@@ -55,6 +55,51 @@ impl Netns {
         Ok(ns)
     }
 
+    /// Turns transmit checksum offload off on `ifname` (`ethtool -K tx
+    /// off`, by ioctl): the namespace then sends complete checksums, as
+    /// frames from a wire have. A veth otherwise passes locally generated
+    /// packets on with a partial checksum, which native XDP on the
+    /// receiving side cannot tell (a NIC never hands it such frames).
+    pub fn disable_tx_checksum(&self, ifname: &str) -> anyhow::Result<()> {
+        #[repr(C)]
+        struct EthtoolValue {
+            cmd: u32,
+            data: u32,
+        }
+        #[repr(C)]
+        struct Ifreq {
+            name: [u8; 16],
+            data: *mut EthtoolValue,
+            _pad: [u8; 16],
+        }
+        const SIOCETHTOOL: libc::c_ulong = 0x8946;
+        const ETHTOOL_STXCSUM: u32 = 0x17;
+        let name = ifname.as_bytes();
+        if name.len() >= 16 {
+            bail!("interface name {ifname:?} too long");
+        }
+        self.run(|| {
+            let mut v = EthtoolValue { cmd: ETHTOOL_STXCSUM, data: 0 };
+            let mut req = Ifreq { name: [0; 16], data: &raw mut v, _pad: [0; 16] };
+            req.name[..name.len()].copy_from_slice(name);
+            // SAFETY: a datagram socket for the ioctl, closed below; the
+            // request points at live locals.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+                if fd < 0 {
+                    bail!("socket: {}", std::io::Error::last_os_error());
+                }
+                let r = libc::ioctl(fd, SIOCETHTOOL as _, &raw mut req);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if r != 0 {
+                    bail!("ETHTOOL_STXCSUM on {ifname}: {err}");
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// `ip -n <ns> args...`
     pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut a = vec!["-n", &self.name];

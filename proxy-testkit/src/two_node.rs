@@ -11,7 +11,8 @@
 //! between the nodes through their uplinks (the flat pod network of the
 //! Kubernetes model). Outside clients know only the fabric subnet and the
 //! LoadBalancer range [`LB_RANGE`], routed to node A (a load balancer that
-//! sends to one node). No namespace has a route anywhere else, so an
+//! sends to one node). Clients and pods send complete checksums (transmit
+//! offload off), as frames arriving from a wire have them. No namespace has a route anywhere else, so an
 //! untranslated Service address dies inside; everything is removed on drop.
 use std::net::Ipv4Addr;
 
@@ -85,6 +86,7 @@ impl TwoNode {
             topo.fabric.ip(&["link", "set", &peer, "up"])?;
             ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
             ns.ip(&["link", "set", "eth0", "up"])?;
+            ns.disable_tx_checksum("eth0")?;
             ns.ip(&["route", "add", LB_RANGE, "via", &topo.nodes[0].ip.to_string()])?;
             ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
             ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
@@ -112,6 +114,7 @@ impl TwoNode {
         ns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
         ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
         ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        ns.disable_tx_checksum("eth0")?;
         self.nodes[n].pods.push(Pod { name, ip, node_if, ns });
         Ok(())
     }
