@@ -656,7 +656,11 @@ pub fn render_services(rows: &[ServiceRow]) -> String {
             } else {
                 r.backends.iter().map(|b| format!("{} (#{} {})", b.address, b.id, b.state)).collect::<Vec<_>>().join(", ")
             };
-            let mut lb = if r.maglev { "maglev".to_owned() } else { "random".to_owned() };
+            let mut lb = match (r.backends.is_empty(), r.maglev) {
+                (true, _) => "-".to_owned(),
+                (false, true) => "maglev".to_owned(),
+                (false, false) => "random".to_owned(),
+            };
             if let Some(t) = r.affinity_timeout_s {
                 let _ = write!(lb, ", affinity {t}s");
             }
