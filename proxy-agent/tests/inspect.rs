@@ -24,6 +24,9 @@ const WEB_NAME: &str = "default/web:p80-tcp";
 const EMPTY_NAME: &str = "default/empty:p80-tcp";
 const STICKY_NAME: &str = "default/sticky:p80-tcp";
 
+/// (source, destination, source port, destination port, protocol).
+type CtTuple = ([u8; 16], [u8; 16], u16, u16, u8);
+
 /// The topology with the agent binary (standalone mode) on its pins.
 struct Standalone {
     child: Option<Child>,
@@ -111,13 +114,17 @@ impl Standalone {
         self.json(&["explain", "--from", from, "--to", to])
     }
 
-    /// Every conntrack key (forward and reply) as a comparable tuple.
-    fn ct_keys(&self) -> BTreeSet<([u8; 16], [u8; 16], u16, u16, u8)> {
+    /// Every conntrack entry (forward and reply), by key as a comparable tuple.
+    fn ct_entries(&self) -> BTreeMap<CtTuple, proxy_common::CtValue> {
         proxy_agent::datapath::conntrack_entries(&self.env.pin_dir())
             .unwrap()
-            .iter()
-            .map(|(k, _)| (k.saddr, k.daddr, k.sport, k.dport, k.proto))
+            .into_iter()
+            .map(|(k, v)| ((k.saddr, k.daddr, k.sport, k.dport, k.proto), v))
             .collect()
+    }
+
+    fn ct_keys(&self) -> BTreeSet<CtTuple> {
+        self.ct_entries().into_keys().collect()
     }
 
     /// Backend `bN` of the echo server answering from `ip`.
@@ -259,6 +266,23 @@ fn explain_agrees_with_real_connections_and_leaves_no_trace() {
         chosen.insert(predicted);
     }
     assert!(chosen.len() >= 2, "ten client ports spread over more than one backend: {chosen:?}");
+
+    // An existing flow decides for its own tuple: explain says so, names
+    // the backend the open connection uses, and puts back the entries its
+    // SYN refreshed (older than the datapath's 1 s refresh interval).
+    let mut conn = tcp_connect_from(s.env.client(0), 41_100, sa(WEB, 80), T).unwrap();
+    let answer = tcp_exchange(&mut conn).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let flow = |m: BTreeMap<CtTuple, proxy_common::CtValue>| -> Vec<_> { m.into_iter().filter(|(k, _)| k.2 == 41_100 || k.3 == 41_100).collect() };
+    let before = flow(s.ct_entries());
+    assert_eq!(before.len(), 2, "the connection's forward and reply entries");
+    let e = s.explain(&format!("{client_ip}:41100"), &format!("{WEB}:80/tcp"));
+    assert_eq!((str_of(&e, "verdict"), str_of(&e, "reason")), ("translated", "existing_flow"), "{e}");
+    assert_eq!(s.backend_name(str_of(&e["backend"], "address")), answer);
+    assert_eq!((&e["conntrack_removed"], &e["conntrack_restored"]), (&Value::from(0), &Value::from(1)), "{e}");
+    assert_eq!(flow(s.ct_entries()), before, "the flow's entries are exactly as they were");
+    assert_eq!(tcp_exchange(&mut conn).unwrap(), answer, "the connection is unaffected");
+    drop(conn);
 
     // The table names the Service, the backend and why.
     let text = s.cli(&["explain", "--from", &format!("{client_ip}:42000"), "--to", &format!("{WEB}:80/tcp"), "--interface", "vethc0"]);
