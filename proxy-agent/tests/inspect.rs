@@ -123,6 +123,18 @@ impl Standalone {
             .collect()
     }
 
+    /// Every affinity entry, in a stable order.
+    fn affinity(&self) -> Vec<([u8; 16], u32, proxy_common::AffinityValue)> {
+        let mut v: Vec<_> = proxy_agent::inspect::Snapshot::read(&self.env.pin_dir())
+            .unwrap()
+            .affinity
+            .into_iter()
+            .map(|(k, v)| (k.client, k.svc_id, v))
+            .collect();
+        v.sort_by_key(|(c, id, _)| (*c, *id));
+        v
+    }
+
     fn ct_keys(&self) -> BTreeSet<CtTuple> {
         self.ct_entries().into_keys().collect()
     }
@@ -292,11 +304,17 @@ fn explain_agrees_with_real_connections_and_leaves_no_trace() {
     // Affinity: after a real connection, explain reports the affine backend
     // and puts the client's affinity entry back exactly.
     let (answer, _) = tcp_request(s.env.client(0), sa(STICKY, 80), T).unwrap();
-    let aff_before = proxy_agent::inspect::Snapshot::read(&s.env.pin_dir()).unwrap().affinity;
+    let aff_before = s.affinity();
     let e = s.explain(&client_ip.to_string(), &format!("{STICKY}:80/tcp"));
     assert_eq!((str_of(&e, "verdict"), str_of(&e, "reason"), str_of(&e, "service")), ("translated", "affinity", STICKY_NAME), "{e}");
     assert_eq!(s.backend_name(str_of(&e["backend"], "address")), answer);
-    assert_eq!(proxy_agent::inspect::Snapshot::read(&s.env.pin_dir()).unwrap().affinity, aff_before, "affinity entry restored");
+    assert_eq!(s.affinity(), aff_before, "affinity entry restored");
+    // A client without affinity yet: chosen by Maglev, and the affinity
+    // entry the run created is removed again.
+    let e = s.explain("10.200.0.99:50000", &format!("{STICKY}:80/tcp"));
+    assert_eq!((str_of(&e, "verdict"), str_of(&e, "reason")), ("translated", "maglev"), "{e}");
+    assert_eq!(e["affinity_cleaned"], true, "{e}");
+    assert_eq!(s.affinity(), aff_before, "no affinity entry left");
 
     // No endpoints: explain says refused, and a real connection is refused.
     let before = s.ct_keys();
