@@ -309,6 +309,12 @@ fn entries<K: Pod, V: Pod>(pin_dir: &Path, name: &str) -> anyhow::Result<Vec<(K,
 impl Snapshot {
     /// Reads the pinned maps under `pin_dir` (read-only).
     pub fn read(pin_dir: &Path) -> anyhow::Result<Self> {
+        if !pin_dir.is_dir() {
+            anyhow::bail!(
+                "no datapath pinned at {}: start the agent, or pass the --bpffs and --pin-dir it runs with",
+                pin_dir.display()
+            );
+        }
         let mut conntrack = entries::<CtKey, CtValue>(pin_dir, MAP_CT_TCP)?;
         conntrack.extend(entries::<CtKey, CtValue>(pin_dir, MAP_CT_ANY)?);
         Ok(Self {
