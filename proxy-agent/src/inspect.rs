@@ -213,11 +213,13 @@ pub fn record_names(pin_dir: &Path, desired: &Desired) {
     }
 }
 
-/// Removes the names file of `pin_dir` and its directory (`cleanup`).
+/// Removes the names file of `pin_dir` and its directory, and the run
+/// directory when nothing else is left in it (`cleanup`).
 pub fn remove_names(pin_dir: &Path) {
     let path = names_path(pin_dir);
     let _ = fs::remove_file(&path);
-    if let Some(dir) = path.parent() {
+    for dir in path.ancestors().skip(1).take(2) {
+        // Only empty directories go.
         let _ = fs::remove_dir(dir);
     }
 }
