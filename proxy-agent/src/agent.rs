@@ -353,6 +353,8 @@ impl Agent {
         // packet (the datapath checks membership); the collector removes
         // their entries in the background.
         let report = self.engine.sync(&desired);
+        // Names for `proxy-agent inspect` and `explain`, beside the maps.
+        crate::inspect::record_names(&self.cfg.datapath.pin_dir(), &desired);
         let now = Instant::now();
         self.metrics.observe_sync(now - start);
         if report.writes + report.deletes > 0 {

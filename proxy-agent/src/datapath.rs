@@ -1134,8 +1134,10 @@ pub fn conntrack_entries(pin_dir: &Path) -> anyhow::Result<Vec<(CtKey, CtValue)>
     Ok(Conntrack::open(pin_dir)?.entries())
 }
 
-/// Detaches every pinned link and removes every pin under `pin_dir`.
+/// Detaches every pinned link and removes every pin under `pin_dir` (and
+/// the frontend names file kept for it).
 pub fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
+    crate::inspect::remove_names(pin_dir);
     if !pin_dir.exists() {
         return Ok(());
     }

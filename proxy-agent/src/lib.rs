@@ -1,8 +1,10 @@
 //! kproxy agent: Kubernetes Services -> eBPF maps.
 pub mod agent;
 pub mod datapath;
+pub mod explain;
 pub mod http;
 pub mod ifaces;
+pub mod inspect;
 pub mod maglev;
 pub mod manifests;
 pub mod metrics;

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use proxy_agent::{
     agent::{Agent, AgentConfig},
     datapath::{self, DatapathConfig},
-    http,
+    explain, http, inspect,
     manifests::ManifestDir,
     metrics::Metrics,
 };
@@ -185,6 +185,34 @@ enum Cmd {
     Cleanup,
     /// Print the datapath counters.
     Stats,
+    /// Show the pinned maps by Service name: services, backends, conntrack
+    /// or affinity. Reads the maps only; works while the agent runs and
+    /// after it stopped.
+    Inspect {
+        #[arg(value_enum)]
+        what: inspect::What,
+        #[arg(long, value_enum, default_value = "table")]
+        output: inspect::Output,
+    },
+    /// Show what the datapath does with a packet and why: runs the real TC
+    /// ingress program on a synthetic TCP SYN or UDP datagram with
+    /// BPF_PROG_TEST_RUN (no packet is sent). The conntrack and affinity
+    /// entries the run writes are put back as they were afterwards; the
+    /// datapath counters do count the packet.
+    Explain {
+        /// Client address, with an optional source port (default 61999;
+        /// Maglev choices depend on it).
+        #[arg(long, value_name = "CLIENT_IP[:PORT]", value_parser = explain::parse_from)]
+        from: std::net::SocketAddrV4,
+        /// Destination, e.g. 10.96.0.10:80/tcp (tcp or udp).
+        #[arg(long, value_name = "ADDR:PORT/PROTO", value_parser = explain::parse_to)]
+        to: (std::net::SocketAddrV4, u8),
+        /// Interface the packet arrives on (must exist in this network namespace).
+        #[arg(long, value_name = "NAME")]
+        interface: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: inspect::Output,
+    },
 }
 
 fn init_tracing(format: &str) {
@@ -210,6 +238,19 @@ fn main() -> anyhow::Result<()> {
         Some(Cmd::Stats) => {
             for (stat, n) in datapath::read_stats(&cli.dp.config().pin_dir())? {
                 println!("{:<22} {n}", stat.name());
+            }
+            return Ok(());
+        }
+        Some(Cmd::Inspect { what, output }) => {
+            print!("{}", inspect::inspect(&cli.dp.config().pin_dir(), what, output)?);
+            return Ok(());
+        }
+        Some(Cmd::Explain { from, to: (to, proto), interface, output }) => {
+            let req = explain::Request { from, to, proto, interface };
+            let e = explain::explain(&cli.dp.config().pin_dir(), &req)?;
+            match output {
+                inspect::Output::Table => print!("{}", explain::render(&e)),
+                inspect::Output::Json => println!("{}", serde_json::to_string_pretty(&e)?),
             }
             return Ok(());
         }
