@@ -481,6 +481,29 @@ impl Datapath {
         Ok((r.return_value as i32, out, r.duration))
     }
 
+    /// Runs the XDP program on `packet` with `BPF_PROG_TEST_RUN` as if it
+    /// arrived on interface `ifindex` (of the calling thread's network
+    /// namespace; FIB lookups happen there). Returns the action, the
+    /// output frame and the mean time per run.
+    pub fn test_run_xdp(&mut self, packet: &[u8], ifindex: u32, repeat: u32) -> anyhow::Result<(u32, Vec<u8>, std::time::Duration)> {
+        use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+        let mut out = vec![0u8; packet.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        opts.repeat = repeat.max(1);
+        let prog: &mut Xdp =
+            self.ebpf.program_mut(proxy_common::PROG_XDP).ok_or_else(|| anyhow!("program kp_xdp missing"))?.try_into()?;
+        let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN (XDP)")?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out, r.duration))
+    }
+
     /// Attaches ingress and egress programs for `iface`'s kind (in the
     /// calling thread's network namespace). With tcx the links are pinned,
     /// and links pinned by a previous agent for the same interface are

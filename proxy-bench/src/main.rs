@@ -159,6 +159,7 @@ fn setup(mode: Mode, n: usize, topo: &Topology, s: &mut Sample) -> anyhow::Resul
                 node_name: "bench".into(),
                 node_ips: vec![],
                 maglev: true,
+                nodeport_cidrs: vec![],
             };
             let dcfg = cfg.datapath.clone();
             let mut agent = topo.node.run(|| -> anyhow::Result<Agent> {
@@ -183,7 +184,14 @@ fn setup(mode: Mode, n: usize, topo: &Topology, s: &mut Sample) -> anyhow::Resul
             // Engine only (diff + map writes, translation excluded): the
             // same one-endpoint change, back to the original set.
             let node = proxy_agent::agent::node_info(
-                &AgentConfig { datapath: dcfg.clone(), interfaces: vec![], node_name: "bench".into(), node_ips: vec![], maglev: true },
+                &AgentConfig {
+                    datapath: dcfg.clone(),
+                    interfaces: vec![],
+                    node_name: "bench".into(),
+                    node_ips: vec![],
+                    maglev: true,
+                    nodeport_cidrs: vec![],
+                },
                 &[],
             );
             let d0 = proxy_agent::translate::translate_all(&objs.services, &objs.slices, &node);
