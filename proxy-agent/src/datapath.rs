@@ -486,6 +486,17 @@ impl Datapath {
     /// namespace; FIB lookups happen there). Returns the action, the
     /// output frame and the mean time per run.
     pub fn test_run_xdp(&mut self, packet: &[u8], ifindex: u32, repeat: u32) -> anyhow::Result<(u32, Vec<u8>, std::time::Duration)> {
+        self.test_run_xdp_program(proxy_common::PROG_XDP, packet, ifindex, repeat)
+    }
+
+    /// [`Datapath::test_run_xdp`] for XDP program `name`.
+    pub fn test_run_xdp_program(
+        &mut self,
+        name: &str,
+        packet: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> anyhow::Result<(u32, Vec<u8>, std::time::Duration)> {
         use aya::programs::{TestRun as _, TestRunOptions, Xdp};
         let mut out = vec![0u8; packet.len() + 256];
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
@@ -497,8 +508,7 @@ impl Datapath {
         opts.data_out = Some(&mut out);
         opts.ctx_in = Some(&ctx);
         opts.repeat = repeat.max(1);
-        let prog: &mut Xdp =
-            self.ebpf.program_mut(proxy_common::PROG_XDP).ok_or_else(|| anyhow!("program kp_xdp missing"))?.try_into()?;
+        let prog: &mut Xdp = self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
         let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN (XDP)")?;
         out.truncate(r.data_size_out as usize);
         Ok((r.return_value, out, r.duration))

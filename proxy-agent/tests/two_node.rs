@@ -85,11 +85,9 @@ impl Env {
         }
         let xdp_peers = (acceleration != datapath::Acceleration::None).then(|| {
             topo.fabric.run(|| {
-                let mut ebpf = aya::EbpfLoader::new()
-                    .set_max_entries(proxy_common::MAP_CT_TCP, 16)
-                    .set_max_entries(proxy_common::MAP_CT_ANY, 16)
-                    .load(datapath::EBPF_OBJECT)
-                    .expect("loading the object for kp_xdp_pass");
+                let mut loader = aya::EbpfLoader::new();
+                loader.map_max_entries(proxy_common::MAP_CT_TCP, 16).map_max_entries(proxy_common::MAP_CT_ANY, 16);
+                let mut ebpf = loader.load(datapath::EBPF_OBJECT).expect("loading the object for kp_xdp_pass");
                 let prog: &mut aya::programs::Xdp =
                     ebpf.program_mut(proxy_common::PROG_XDP_PASS).unwrap().try_into().unwrap();
                 prog.load().expect("kp_xdp_pass");

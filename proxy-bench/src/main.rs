@@ -11,6 +11,7 @@
 //! nftables (the rule structures kube-proxy writes, loaded with
 //! iptables-restore / nft -f).
 mod load;
+mod north_south;
 mod rules;
 
 use std::{
@@ -57,6 +58,9 @@ struct Opts {
     /// Largest Service count loaded into nftables.
     #[arg(long, default_value_t = 10_000)]
     nft_max: usize,
+    /// Only the north-south section (outside client -> NodePort -> backend on another node).
+    #[arg(long)]
+    north_south_only: bool,
     /// Print the iptables and nftables rule sets for this many Services and exit.
     #[arg(long)]
     print_rules: Option<usize>,
@@ -316,8 +320,16 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let started = Instant::now();
     let mut samples = Vec::new();
+    let mut ns_samples = Vec::new();
     // Interleaved: every mode once per round, rounds repeated (A B A B).
     for round in 0..rounds {
+        eprintln!("round {round}, north-south");
+        for mode in north_south::Mode::ALL {
+            ns_samples.push(north_south::measure(mode, secs)?);
+        }
+        if opts.north_south_only {
+            continue;
+        }
         for &n in &counts {
             eprintln!("round {round}, {n} Services");
             for &mode in &modes {
@@ -331,8 +343,17 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    if opts.north_south_only {
+        let (md, summary) = north_south_report(&ns_samples);
+        print!("{md}");
+        println!("{summary}");
+        return Ok(());
+    }
     let memory = load::memory(if opts.smoke { 100 } else { 10_000 }, 10)?;
-    let report = report(&opts, &counts, &samples, &memory, started.elapsed());
+    let mut report = report(&opts, &counts, &samples, &memory, started.elapsed());
+    let (ns_md, ns_summary) = north_south_report(&ns_samples);
+    report.markdown = report.markdown.replacen("\n## Per-packet cost", &format!("\n{ns_md}\n## Per-packet cost"), 1);
+    report.summary = format!("{} {ns_summary}", report.summary);
     print!("{}", report.markdown);
     let out = opts.root.join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -487,6 +508,55 @@ fn report(opts: &Opts, counts: &[usize], samples: &[Sample], memory: &load::Memo
     let md = md.replace("| NaN", "| n/a").replace("=NaN", "=n/a");
     let summary = summary.replace("NaN", "n/a");
     Report { markdown: md, json, summary }
+}
+
+/// The north-south table and its summary keys.
+fn north_south_report(samples: &[north_south::Sample]) -> (String, String) {
+    let med_of = |mode: &str, f: &dyn Fn(&north_south::Sample) -> f64| {
+        let mut v: Vec<f64> = samples.iter().filter(|s| s.mode == mode).map(f).collect();
+        median(&mut v)
+    };
+    let range_of = |mode: &str, f: &dyn Fn(&north_south::Sample) -> f64| {
+        let v: Vec<f64> = samples.iter().filter(|s| s.mode == mode).map(f).collect();
+        let lo = v.iter().copied().fold(f64::NAN, f64::min);
+        let hi = v.iter().copied().fold(f64::NAN, f64::max);
+        if lo.is_finite() { format!("{lo:.0}–{hi:.0}") } else { "n/a".into() }
+    };
+    let mut md = String::new();
+    let _ = writeln!(md, "## North-south: outside client -> node A NodePort -> backend on node B (SNAT)\n");
+    let _ = writeln!(md, "Two-node topology (fabric bridge, veth uplinks), fresh per measurement; medians of the rounds with (min–max). UDP: one sender floods the NodePort with 64-byte datagrams; the rate is what the backend received.\n");
+    let _ = writeln!(md, "| mode | TCP conn/s | (min–max) | ×nftables | UDP pps delivered | (min–max) | ×nftables | UDP pps sent |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let n_crr = med_of("nftables", &|s| s.tcp_crr.rate);
+    let n_udp = med_of("nftables", &|s| s.udp_pps);
+    for mode in north_south::Mode::ALL.map(north_south::Mode::name) {
+        let crr = med_of(mode, &|s| s.tcp_crr.rate);
+        let udp = med_of(mode, &|s| s.udp_pps);
+        let _ = writeln!(
+            md,
+            "| {mode} | {crr:.0} | {} | {:.2} | {udp:.0} | {} | {:.2} | {:.0} |",
+            range_of(mode, &|s| s.tcp_crr.rate),
+            crr / n_crr,
+            range_of(mode, &|s| s.udp_pps),
+            udp / n_udp,
+            med_of(mode, &|s| s.udp_sent_pps),
+        );
+    }
+    let xdp_ns = med_of("ebpf-xdp", &|s| s.xdp_ns);
+    let _ = writeln!(
+        md,
+        "\nkp_xdp per packet (BPF_PROG_TEST_RUN, median of 20,000 single runs less an empty program's): established SNAT flow (conntrack, FIB lookup, rewrite, XDP_TX) {xdp_ns:.0} ns ({:.0} ns per run as measured); a packet to no Service {:.0} ns.\n",
+        med_of("ebpf-xdp", &|s| s.xdp_run_ns),
+        med_of("ebpf-xdp", &|s| s.xdp_miss_ns)
+    );
+    let summary = format!(
+        "ns_xdp/nftables_udp={:.2} ns_xdp/tc_crr={:.2} ns_xdp/nftables_crr={:.2} xdp_ns={:.0}",
+        med_of("ebpf-xdp", &|s| s.udp_pps) / n_udp,
+        med_of("ebpf-xdp", &|s| s.tcp_crr.rate) / med_of("ebpf", &|s| s.tcp_crr.rate),
+        med_of("ebpf-xdp", &|s| s.tcp_crr.rate) / n_crr,
+        xdp_ns,
+    );
+    (md.replace("| NaN", "| n/a"), summary.replace("NaN", "n/a"))
 }
 
 fn short(n: usize) -> String {

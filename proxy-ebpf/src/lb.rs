@@ -159,7 +159,7 @@ fn new_flow_inner<const L3: usize, const EXT: bool>(
     // An external client's flow to a backend on another node: SNAT.
     let mut snat_port = 0;
     if EXT && L3 == ETH_HLEN && backend.flags & BACKEND_F_LOCAL == 0 {
-        match snat::claim(pkt, &backend) {
+        match snat::claim(pkt, &backend, now) {
             snat::NO_SNAT => {}
             0 => {
                 count(Stat::DropSnatExhausted);

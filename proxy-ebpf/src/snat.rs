@@ -6,8 +6,11 @@
 //! in the SNAT map with BPF_NOEXIST before use. The range lies outside the
 //! node's ephemeral ports (and the agent reserves it), so it cannot collide
 //! with the node's own sockets.
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
-use proxy_common::{Backend, CT_F_REPLY, CtKey, CtValue, NodeConfig, SNAT_TRIES, v4_of_mapped};
+use aya_ebpf::{
+    bindings::{BPF_EXIST, BPF_NOEXIST},
+    helpers::bpf_get_prandom_u32,
+};
+use proxy_common::{Backend, CT_F_REPLY, CtKey, CtValue, NodeConfig, SNAT_TRIES, ct_done, v4_of_mapped};
 
 use crate::{
     ct,
@@ -25,19 +28,30 @@ pub fn reply_key(backend: [u8; 16], bport: u16, node: [u8; 16], port: u16, proto
 pub const NO_SNAT: u32 = u32::MAX;
 
 /// Claims a SNAT port for `pkt`'s flow (client -> frontend) going to
-/// `backend`. 0: every port tried was taken (or the map is full);
-/// [`NO_SNAT`]: the node has no SNAT address. A BPF-to-BPF call.
+/// `backend`. 0: every port tried was taken by a live flow (or the map is
+/// full); [`NO_SNAT`]: the node has no SNAT address.
 #[inline(always)]
-pub fn claim(pkt: &Packet, backend: &Backend) -> u32 {
+pub fn claim(pkt: &Packet, backend: &Backend, now: u64) -> u32 {
     let Some(cfg) = config() else { return NO_SNAT };
     if node_addr(&cfg).is_none() {
         return NO_SNAT;
     }
-    claim_inner(&cfg, &ct::key_of(pkt), backend.addr, backend.port).map_or(0, u32::from)
+    claim_inner(&cfg, &ct::key_of(pkt), backend.addr, backend.port, now).map_or(0, u32::from)
+}
+
+/// Whether the flow an SNAT entry points at is over (gone, closing or
+/// expired, or using another port now): its port may be taken, as the
+/// kernel reuses a TIME_WAIT tuple, instead of waiting for the collector.
+#[inline(always)]
+fn finished(fkey: &CtKey, port: u16, now: u64) -> bool {
+    let Some(f) = ct_get(fkey) else { return true };
+    // SAFETY: copied out at once.
+    let f: CtValue = unsafe { *f };
+    f.flags & CT_F_REPLY != 0 || f.snat_port != port || ct_done(fkey.proto, &f, now)
 }
 
 #[inline(always)]
-fn claim_inner(cfg: &NodeConfig, fwd: &CtKey, backend: [u8; 16], bport: u16) -> Option<u16> {
+fn claim_inner(cfg: &NodeConfig, fwd: &CtKey, backend: [u8; 16], bport: u16, now: u64) -> Option<u16> {
     let min = u32::from(cfg.snat_port_min);
     let max = u32::from(cfg.snat_port_max);
     if min == 0 || max < min {
@@ -51,6 +65,13 @@ fn claim_inner(cfg: &NodeConfig, fwd: &CtKey, backend: [u8; 16], bport: u16) -> 
         let port = (min + off) as u16;
         let key = reply_key(backend, bport, cfg.snat_addr, port, fwd.proto);
         if SNAT.insert(&key, fwd, u64::from(BPF_NOEXIST)).is_ok() {
+            return Some(port);
+        }
+        // SAFETY: copied out at once.
+        if let Some(old) = unsafe { SNAT.get(&key) }.copied()
+            && finished(&old, port, now)
+            && SNAT.insert(&key, fwd, u64::from(BPF_EXIST)).is_ok()
+        {
             return Some(port);
         }
     }

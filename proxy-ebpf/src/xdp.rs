@@ -208,16 +208,18 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
     let Some(vip) = lookup_vip(pkt.daddr) else { return XDP_PASS };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if lookup_frontend::<true>(&pkt).is_some() {
-        if let Some(v) = ct::forward_lookup(&pkt, now) {
-            let Some(baddr) = v4_of_mapped(&v.nat_addr) else { return XDP_PASS };
-            count(Stat::CtHit);
-            if v.snat_port == 0 {
-                return to_stack(ctx, &pkt, (baddr, v.nat_port));
-            }
-            let Some(node) = config().as_ref().and_then(snat::node_addr) else { return XDP_PASS };
-            return forward(ctx, &pkt, (node, v.snat_port), (baddr, v.nat_port));
+    // Established flows first (one conntrack lookup, no frontend lookup):
+    // the common case on the fast path.
+    if let Some(v) = ct::forward_lookup(&pkt, now) {
+        let Some(baddr) = v4_of_mapped(&v.nat_addr) else { return XDP_PASS };
+        count(Stat::CtHit);
+        if v.snat_port == 0 {
+            return to_stack(ctx, &pkt, (baddr, v.nat_port));
         }
+        let Some(node) = config().as_ref().and_then(snat::node_addr) else { return XDP_PASS };
+        return forward(ctx, &pkt, (node, v.snat_port), (baddr, v.nat_port));
+    }
+    if lookup_frontend::<true>(&pkt).is_some() {
         // A new flow: the new-flow program, with a stack of its own.
         // SAFETY: a tail call on our own context.
         unsafe { XCALLS.tail_call(ctx, 0) };
@@ -266,7 +268,7 @@ pub fn new_flow(ctx: &XdpContext) -> u32 {
     let node = if backend.flags & BACKEND_F_LOCAL == 0 { config().as_ref().and_then(snat::node_addr) } else { None };
     let mut snat_port = 0;
     if node.is_some() {
-        match snat::claim(&pkt, &backend) {
+        match snat::claim(&pkt, &backend, now) {
             snat::NO_SNAT => {}
             0 => {
                 count(Stat::DropSnatExhausted);
