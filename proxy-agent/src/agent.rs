@@ -163,7 +163,7 @@ pub fn node_info(cfg: &AgentConfig, nodes: &[Node]) -> NodeInfo {
             addresses.push(*ip);
         }
     }
-    NodeInfo { name: cfg.node_name.clone(), zone, addresses }
+    NodeInfo { name: cfg.node_name.clone(), zone, addresses, snat: None }
 }
 
 impl Agent {
@@ -327,19 +327,14 @@ impl Agent {
         let mut node = node_info(&self.cfg, nodes);
         if !self.cfg.nodeport_cidrs.is_empty() {
             // kube-proxy's --nodeport-addresses: the local addresses in
-            // these prefixes (the Node's primary address first, for SNAT).
-            let primary = node.snat_address();
-            let mut addrs: Vec<IpAddr> = self
+            // these prefixes; SNAT keeps the Node's primary address.
+            node.snat = node.snat_address();
+            node.addresses = self
                 .local_addrs
                 .iter()
                 .filter(|a| !a.is_loopback() && self.cfg.nodeport_cidrs.iter().any(|c| in_prefix(**a, *c)))
                 .map(|a| IpAddr::V4(*a))
                 .collect();
-            if let Some(p) = primary.filter(|p| self.local_addrs.contains(p)) {
-                addrs.retain(|a| *a != IpAddr::V4(p));
-                addrs.insert(0, IpAddr::V4(p));
-            }
-            node.addresses = addrs;
         }
         let snat = node.snat_address();
         if self.snat != Some(snat) {

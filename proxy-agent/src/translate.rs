@@ -134,16 +134,21 @@ pub struct NodeInfo {
     pub zone: Option<String>,
     /// Addresses NodePorts are served on.
     pub addresses: Vec<IpAddr>,
+    /// The address external flows to backends on other nodes are SNATed
+    /// to (the Node's primary IPv4 address); `None`: the first IPv4 of
+    /// `addresses`.
+    pub snat: Option<Ipv4Addr>,
 }
 
 impl NodeInfo {
-    /// The address external flows to backends on other nodes are SNATed
-    /// to: the first IPv4 address (the Node's InternalIP comes first).
+    /// The SNAT address: [`NodeInfo::snat`], else the first IPv4 address.
     #[must_use]
     pub fn snat_address(&self) -> Option<Ipv4Addr> {
-        self.addresses.iter().find_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
+        self.snat.or_else(|| {
+            self.addresses.iter().find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
         })
     }
 }

@@ -56,7 +56,7 @@ fn translation_table() {
     let mut failures = Vec::new();
     for case in &cases {
         let objs = manifests::parse_str(&case.objects, &case.name).unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
-        let node = NodeInfo { name: "node-a".into(), zone: case.zone.clone(), addresses: case.node_ips.clone() };
+        let node = NodeInfo { name: "node-a".into(), zone: case.zone.clone(), addresses: case.node_ips.clone(), snat: None };
         let desired = translate_all(&objs.services, &objs.slices, &node);
         let (mut fes, skips) = render(&desired);
         fes.sort();
@@ -94,7 +94,7 @@ fn cached_translation_equals_fresh_translation() {
         );
     }
     let mut objs = manifests::parse_str(&y, "gen").unwrap();
-    let node = NodeInfo { name: "node-a".into(), zone: None, addresses: vec![] };
+    let node = NodeInfo { name: "node-a".into(), zone: None, addresses: vec![], snat: None };
     let mut cache = TranslationCache::default();
     assert_eq!(translate_all_cached(&objs.services, &objs.slices, &node, &mut cache), translate_all(&objs.services, &objs.slices, &node));
     // One slice changes (new resourceVersion): only that Service differs.

@@ -46,6 +46,16 @@ impl Env {
     }
 
     fn with(tag: &str, pods: usize, clients: usize, acceleration: datapath::Acceleration) -> Self {
+        Self::build(tag, pods, clients, acceleration, vec![])
+    }
+
+    fn build(
+        tag: &str,
+        pods: usize,
+        clients: usize,
+        acceleration: datapath::Acceleration,
+        nodeport_cidrs: Vec<(Ipv4Addr, u8)>,
+    ) -> Self {
         require_root();
         let prefix = unique_prefix(tag);
         let topo = TwoNode::build(&prefix, pods, clients, true).expect("two-node topology");
@@ -72,7 +82,7 @@ impl Env {
                 node_name: n.name.clone(),
                 node_ips: vec![n.ip.into()],
                 maglev: true,
-                nodeport_cidrs: vec![],
+                nodeport_cidrs: nodeport_cidrs.clone(),
             };
             let agent = n.ns.run(|| {
                 let mut a = Agent::start(cfg.clone(), Arc::new(Metrics::default())).expect("agent start");
@@ -359,4 +369,26 @@ fn xdp_takes_the_fast_path_for_nodeport_flows_to_either_node() {
     assert!(tx >= 100, "SNAT flows forwarded by XDP_TX: {tx}");
     assert!(to_stack >= 20, "local-backend flows translated in XDP: {to_stack}");
     assert!(env.stat(0, Stat::SnatNew) >= 40 && env.stat(0, Stat::SnatReply) >= 40);
+}
+
+#[test]
+fn nodeport_addresses_select_the_local_addresses_nodeports_answer_on() {
+    // --nodeport-addresses 10.244.0.0/16: node A serves NodePorts on its pod
+    // gateway address only, not on its uplink address; SNAT still uses the
+    // Node's primary address.
+    let mut env = Env::build("2p", 1, 1, datapath::Acceleration::None, vec![(Ipv4Addr::new(10, 244, 0, 0), 16)]);
+    let svc = service("p", "10.96.5.1", "NodePort", 30131, "", &[(env.pod_ip(1, 0), "node-b")]);
+    env.apply(&svc);
+    let pod_a = &env.topo.nodes[0].pods[0].ns;
+    let (who, _) = tcp_who(pod_a, sa(Ipv4Addr::new(10, 244, 0, 1), 30131), T).expect("NodePort on the selected address");
+    assert_eq!(who, "p10");
+    // Node A's uplink address is no NodePort address now: nothing listens
+    // there, so the node's stack refuses (no translation happened).
+    let err = tcp_connect(env.client(0), sa(env.node_ip(0), 30131), SILENT).expect_err("not a NodePort address");
+    assert_eq!(err.downcast_ref::<std::io::Error>().map(std::io::Error::kind), Some(std::io::ErrorKind::ConnectionRefused));
+    // SNAT keeps the Node's primary address (the uplink's).
+    let pin = env.cfgs[0].datapath.pin_dir().join(proxy_common::MAP_CONFIG);
+    let map = aya::maps::Map::Array(aya::maps::MapData::from_pin(&pin).unwrap());
+    let cfg: aya::maps::Array<_, proxy_common::NodeConfig> = aya::maps::Array::try_from(map).unwrap();
+    assert_eq!(cfg.get(&0, 0).unwrap().snat_addr, proxy_common::v4_mapped(env.node_ip(0).octets()));
 }
