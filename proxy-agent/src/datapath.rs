@@ -81,6 +81,8 @@ pub struct DatapathConfig {
     pub snat_ports: (u16, u16),
     /// XDP on the external interfaces.
     pub acceleration: Acceleration,
+    /// Datapath debug events (new flows, drops of new flows) to the log.
+    pub debug_events: bool,
 }
 
 /// Socket-level load balancing (`--socket-lb`).
@@ -124,6 +126,7 @@ impl Default for DatapathConfig {
             external_interfaces: default_external_interfaces(),
             snat_ports: (proxy_common::DEFAULT_SNAT_PORT_MIN, proxy_common::DEFAULT_SNAT_PORT_MAX),
             acceleration: Acceleration::None,
+            debug_events: false,
         }
     }
 }
@@ -241,6 +244,23 @@ pub struct Datapath {
     _calls: [aya::maps::ProgramArray<MapData>; 2],
 }
 
+/// Forwards the datapath's debug events (aya-log ring buffer) to the log,
+/// on a thread of its own, for as long as the agent runs.
+fn spawn_debug_events(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let mut logger = aya_log::EbpfLogger::init(ebpf).context("opening the debug event ring buffer")?;
+    std::thread::Builder::new().name("kproxy-debug".into()).spawn(move || {
+        loop {
+            let mut pfd = libc::pollfd { fd: logger.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll on one valid descriptor with a timeout.
+            unsafe { libc::poll(&raw mut pfd, 1, 1000) };
+            logger.flush();
+        }
+    })?;
+    tracing::info!("datapath debug events on (--debug-events): new flows and dropped new flows are logged");
+    Ok(())
+}
+
 /// A second handle on a pinned map, typed.
 fn typed<K: Pod, V: Pod>(map: &MapData) -> anyhow::Result<AyaHashMap<MapData, K, V>> {
     let fd = map.fd().as_fd().try_clone_to_owned()?;
@@ -335,6 +355,12 @@ impl Datapath {
             netns_cookie().context("reading this network namespace's cookie (SO_NETNS_COOKIE, Linux >= 5.14); use --socket-lb=off on older kernels")?
         };
         loader.override_global(proxy_common::GLOBAL_SOCK_HOST_ONLY, &host_only, true);
+        // Debug events: 0 (off) makes every event dead code the verifier
+        // removes; aya-log's own level keeps info and above when on.
+        let debug = u32::from(cfg.debug_events);
+        let log_level: u8 = if cfg.debug_events { 3 } else { 0 };
+        loader.override_global(proxy_common::GLOBAL_DEBUG, &debug, true);
+        loader.override_global("AYA_LOG_LEVEL", &log_level, true);
         loader.override_global(proxy_common::GLOBAL_HOST_NETNS_COOKIE, &netns_cookie, true);
         let loaded = loader.load(EBPF_OBJECT);
         let mut ebpf = match loaded {
@@ -355,7 +381,7 @@ impl Datapath {
             let n = copy_entries(m.name, &m.old, Some(new), 0).with_context(|| format!("copying the entries of {}", m.name))?;
             tracing::info!(map = m.name, entries = n, "entries migrated");
         }
-        for name in TC_PROGRAMS.into_iter().chain(proxy_common::PROG_TC_NEW_FLOW) {
+        for name in TC_PROGRAMS.into_iter().chain(proxy_common::PROG_TC_NEW_FLOW).chain([proxy_common::PROG_TC_DEBUG]) {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
@@ -384,6 +410,14 @@ impl Datapath {
             ebpf.take_map(proxy_common::MAP_CALLS).ok_or_else(|| anyhow!("map {} missing", proxy_common::MAP_CALLS))?,
         )?;
         // (Taken out of `ebpf`, the map stays pinned and referenced by the programs.)
+        // The debug program first: a new-flow program of this load (events
+        // on) must never reach the previous load's, whose event slot it does
+        // not write.
+        {
+            let prog: &SchedClassifier =
+                ebpf.program(proxy_common::PROG_TC_DEBUG).ok_or_else(|| anyhow!("program kp_tc_debug missing"))?.try_into()?;
+            calls.set(proxy_common::CALL_DEBUG, prog.fd()?, 0).context("filling the tail-call map with kp_tc_debug")?;
+        }
         for (i, name) in proxy_common::PROG_TC_NEW_FLOW.iter().enumerate() {
             let prog: &SchedClassifier =
                 ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
@@ -409,6 +443,9 @@ impl Datapath {
             let _ = fs::remove_file(pin_dir.join(old));
         }
         ensure_meta(&pin_dir)?;
+        if cfg.debug_events {
+            spawn_debug_events(&mut ebpf)?;
+        }
         Ok(Self { ebpf, cfg: cfg.clone(), migrations, _calls: [calls, xcalls] })
     }
 

@@ -143,6 +143,12 @@ struct DpArgs {
     /// before the stack; TC still handles what XDP cannot.
     #[arg(global = true, long, env = "KPROXY_NODEPORT_ACCELERATION", default_value = "none")]
     nodeport_acceleration: datapath::Acceleration,
+    /// Datapath debug events: every new flow (client, Service, backend,
+    /// SNAT port) and every dropped or refused new flow with its reason, in
+    /// the agent's log (aya-log). Off by default, and then free: the events
+    /// are removed from the programs at load.
+    #[arg(global = true, long, env = "KPROXY_DEBUG_EVENTS")]
+    debug_events: bool,
     /// Capacity of the SNAT map (one entry per SNATed flow; when full, new
     /// SNATed flows are dropped, others keep working).
     #[arg(global = true, long, env = "KPROXY_MAX_SNAT", default_value_t = proxy_common::DEFAULT_MAX_SNAT)]
@@ -173,6 +179,7 @@ impl DpArgs {
             external_interfaces: self.external_interfaces.clone(),
             snat_ports: self.snat_port_range,
             acceleration: self.nodeport_acceleration,
+            debug_events: self.debug_events,
             max_snat: self.max_snat,
             ..DatapathConfig::default()
         }

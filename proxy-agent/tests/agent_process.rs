@@ -218,3 +218,32 @@ fn a_resized_conntrack_keeps_its_flows_and_a_too_small_one_is_refused() {
         assert_eq!(&tcp_exchange(s).expect("flows kept after a refused resize"), who);
     }
 }
+
+#[test]
+fn debug_events_report_new_flows_and_refusals() {
+    let mut h = Harness::new();
+    let ports = [(80, "TCP")];
+    let b0 = h.topo.backends[0].ip;
+    h.write("web.yaml", &(service("web", "10.96.0.10", &ports, "") + &slice("web", "web-1", &ports, &[b0])));
+    h.write("empty.yaml", &(service("empty", "10.96.0.11", &ports, "") + &slice("empty", "empty-1", &ports, &[])));
+    let log = std::env::temp_dir().join(format!("{}-agent.log", h.pin_dir));
+    let file = std::fs::File::create(&log).unwrap();
+    let mut cmd = common::agent_command(&h.topo.node, &h.pin_dir, &["--manifests", h.manifests.to_str().unwrap()], &["--poll-interval-ms", "100", "--debug-events"]);
+    let child = cmd.env("RUST_LOG", "info").stdout(std::process::Stdio::null()).stderr(file).spawn().unwrap();
+    h.child = Some(child);
+    assert!(wait_until(Duration::from_secs(15), || proxy_testkit::http_get(&h.topo.node, 10256, "/readyz").starts_with("HTTP/1.1 200")), "agent ready");
+    let client = &h.topo.clients[0];
+    assert_eq!(tcp_request(&client.ns, common::sa(VIP, 80), T).unwrap().0, "b0");
+    let refused = tcp_connect(&client.ns, common::sa(Ipv4Addr::new(10, 96, 0, 11), 80), T);
+    assert!(refused.is_err(), "a Service without endpoints refuses");
+    let want_flow = format!("-> 10.96.0.10:80 proto 6 -> backend");
+    let want_backend = format!("{b0}:8080");
+    let ok = wait_until(Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().any(|l| l.contains("new flow") && l.contains(&want_flow) && l.contains(&want_backend))
+            && text.lines().any(|l| l.contains("reject_no_backend") && l.contains("10.96.0.11:80"))
+    });
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    assert!(ok, "debug events in the agent's log:\n{text}");
+}

@@ -59,7 +59,13 @@ pub const MAP_CALLS: &str = "kp_calls_v1";
 /// SNAT, conntrack creation) runs as a program of its own so that it gets
 /// its own 512-byte stack, as Cilium's CILIUM_CALL_* programs do.
 pub const CALL_NEW_FLOW: u32 = 0;
-pub const CALL_COUNT: u32 = 4;
+/// Tail-call slot of `kp_tc_debug` (debug events, `--debug-events`).
+pub const CALL_DEBUG: u32 = 4;
+pub const CALL_COUNT: u32 = 5;
+/// The debug-event program (tail call, slot [`CALL_DEBUG`]).
+pub const PROG_TC_DEBUG: &str = "kp_tc_debug";
+/// Load-time global: `u32` 1 = debug events on.
+pub const GLOBAL_DEBUG: &str = "KP_DEBUG";
 /// The new-flow programs, by tail-call slot.
 pub const PROG_TC_NEW_FLOW: [&str; 4] =
     ["kp_tc_new_flow", "kp_tc_new_flow_l3", "kp_tc_new_flow_ext", "kp_tc_new_flow_ext_l3"];

@@ -136,21 +136,19 @@ fn new_flow_inner<const L3: usize, const EXT: bool>(
     let (key, value) = svc;
     if value.count == 0 {
         if value.flags & SVC_F_DROP_EMPTY != 0 {
-            count(Stat::DropNoLocal);
-            return Ok(TC_ACT_SHOT);
+            return Ok(drop_new(ctx, pkt, Stat::DropNoLocal));
         }
         count(Stat::RejectNoBackend);
-        return Ok(reject::port_unreachable::<L3>(ctx, pkt));
+        let v = reject::port_unreachable::<L3>(ctx, pkt);
+        return Ok(crate::debug::event(ctx, pkt, Stat::RejectNoBackend, v));
     }
     if value.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(value.svc_id, v4_mapped(pkt.saddr)) {
-        count(Stat::DropSourceRange);
-        return Ok(TC_ACT_SHOT);
+        return Ok(drop_new(ctx, pkt, Stat::DropSourceRange));
     }
     let backend_id = select_for_packet(key, value, pkt, now);
     // SAFETY: copied out at once.
     let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }).copied() else {
-        count(Stat::DropBackendMissing);
-        return Ok(TC_ACT_SHOT);
+        return Ok(drop_new(ctx, pkt, Stat::DropBackendMissing));
     };
     let Some(baddr) = v4_of_mapped(&backend.addr) else {
         count(Stat::DropBackendMissing);
@@ -161,10 +159,7 @@ fn new_flow_inner<const L3: usize, const EXT: bool>(
     if EXT && L3 == ETH_HLEN && backend.flags & BACKEND_F_LOCAL == 0 {
         match snat::claim(pkt, &backend, now) {
             snat::NO_SNAT => {}
-            0 => {
-                count(Stat::DropSnatExhausted);
-                return Ok(TC_ACT_SHOT);
-            }
+            0 => return Ok(drop_new(ctx, pkt, Stat::DropSnatExhausted)),
             port => snat_port = port as u16,
         }
     }
@@ -175,20 +170,27 @@ fn new_flow_inner<const L3: usize, const EXT: bool>(
             snat::release(pkt, &backend, snat_port);
         }
         // Fail closed: an untracked flow's replies could not be translated.
-        count(Stat::DropCtFull);
-        return Ok(TC_ACT_SHOT);
+        return Ok(drop_new(ctx, pkt, Stat::DropCtFull));
     }
     count(Stat::NewFlow);
     frag::remember(pkt);
-    if EXT && snat_port != 0 {
+    let v = if EXT && snat_port != 0 {
         count(Stat::SnatNew);
-        return Ok(snat_forward_call::<L3>(ctx, pkt, baddr, backend.port, snat_port));
-    }
-    nat_forward::<L3>(ctx, pkt, baddr, backend.port, hairpin != 0)
+        snat_forward_call::<L3>(ctx, pkt, baddr, backend.port, snat_port)
+    } else {
+        nat_forward::<L3>(ctx, pkt, baddr, backend.port, hairpin != 0)?
+    };
+    Ok(crate::debug::new_flow(ctx, pkt, &flow, v))
 }
 
-/// The backend for a new flow of `pkt` (0: none could be chosen). A
-/// BPF-to-BPF call.
+/// Counts a dropped new flow (and reports it with --debug-events).
+#[inline(always)]
+fn drop_new(ctx: &TcContext, pkt: &Packet, why: Stat) -> i32 {
+    count(why);
+    crate::debug::event(ctx, pkt, why, TC_ACT_SHOT)
+}
+
+/// The backend for a new flow of `pkt` (0: none could be chosen).
 #[inline(always)]
 pub fn select_for_packet(key: &ServiceKey, svc: &ServiceValue, pkt: &Packet, now: u64) -> u32 {
     select_backend(key, svc, v4_mapped(pkt.saddr), || flow_hash(pkt), now).unwrap_or(0)

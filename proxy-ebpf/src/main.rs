@@ -6,6 +6,7 @@
 #![no_main]
 
 mod ct;
+mod debug;
 mod frag;
 mod fwd;
 mod icmp;
@@ -56,6 +57,12 @@ pub fn kp_tc_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn kp_tc_ingress_ext(ctx: TcContext) -> i32 {
     verdict(tc::ingress::<ETH_HLEN, true>(&ctx))
+}
+
+/// Debug events (tail call from the new-flow programs, `--debug-events`).
+#[classifier]
+pub fn kp_tc_debug(ctx: TcContext) -> i32 {
+    debug::log(&ctx)
 }
 
 /// New flows of `kp_tc_ingress` (tail call).
