@@ -381,7 +381,7 @@ impl Datapath {
             let n = copy_entries(m.name, &m.old, Some(new), 0).with_context(|| format!("copying the entries of {}", m.name))?;
             tracing::info!(map = m.name, entries = n, "entries migrated");
         }
-        for name in TC_PROGRAMS.into_iter().chain(proxy_common::PROG_TC_NEW_FLOW).chain([proxy_common::PROG_TC_DEBUG]) {
+        for name in TC_PROGRAMS.into_iter().chain(proxy_common::PROG_TC_NEW_FLOW).chain([proxy_common::PROG_TC_DEBUG, proxy_common::PROG_TC_PASS]) {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?

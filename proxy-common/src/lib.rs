@@ -116,6 +116,9 @@ pub const PROG_XDP_PASS: &str = "kp_xdp_pass";
 /// The XDP program's tail calls (pinned, as [`MAP_CALLS`]).
 pub const MAP_XCALLS: &str = "kp_xcalls_v1";
 
+/// A TC program that passes everything (baseline of cost measurements).
+pub const PROG_TC_PASS: &str = "kp_tc_pass";
+
 /// cgroup socket programs (socket-level load balancing).
 pub const PROG_SOCK_CONNECT4: &str = "kp_sock_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "kp_sock_sendmsg4";

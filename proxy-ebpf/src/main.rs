@@ -59,6 +59,13 @@ pub fn kp_tc_ingress_ext(ctx: TcContext) -> i32 {
     verdict(tc::ingress::<ETH_HLEN, true>(&ctx))
 }
 
+/// Passes everything: the baseline of per-packet cost measurements (what a
+/// BPF_PROG_TEST_RUN call costs with no work).
+#[classifier]
+pub fn kp_tc_pass(_ctx: TcContext) -> i32 {
+    TC_ACT_NEXT
+}
+
 /// Debug events (tail call from the new-flow programs, `--debug-events`).
 #[classifier]
 pub fn kp_tc_debug(ctx: TcContext) -> i32 {
