@@ -66,6 +66,8 @@ pub struct Agent {
     local_addrs: Vec<std::net::Ipv4Addr>,
     /// The SNAT address last written to the datapath.
     snat: Option<Option<std::net::Ipv4Addr>>,
+    /// healthCheckNodePort listeners.
+    health: crate::healthcheck::HealthServer,
 }
 
 /// Whether `ip` lies in `net/len`.
@@ -195,6 +197,7 @@ impl Agent {
             cache: translate::TranslationCache::default(),
             local_addrs: local_ipv4_addrs(),
             snat: None,
+            health: crate::healthcheck::HealthServer::new(),
         })
     }
 
@@ -292,6 +295,12 @@ impl Agent {
         }
     }
 
+    /// The healthCheckNodePorts open now.
+    #[must_use]
+    pub fn health_check_ports(&self) -> Vec<u16> {
+        self.health.ports()
+    }
+
     #[must_use]
     pub fn node_name(&self) -> &str {
         &self.cfg.node_name
@@ -344,6 +353,12 @@ impl Agent {
             }
         }
         let desired = translate::translate_all_cached(services, slices, &node, &mut self.cache);
+        let checks = crate::healthcheck::health_checks(services, slices, &node.name);
+        let eligible = crate::healthcheck::node_eligible(nodes, &node.name);
+        if self.metrics.node_ineligible.swap(!eligible, Ordering::Relaxed) == eligible {
+            tracing::info!(node = %node.name, eligible, "node eligibility for load-balancer traffic changed (/healthz, health check ports)");
+        }
+        self.health.sync(&checks, eligible);
         // UDP flows of a backend that left a frontend move at their next
         // packet (the datapath checks membership); the collector removes
         // their entries in the background.

@@ -41,7 +41,8 @@ pub async fn serve(
             let req = String::from_utf8_lossy(&buf);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
-                "/healthz" | "/livez" => ("200 OK", "ok\n".to_owned()),
+                "/healthz" => healthz(&metrics),
+                "/livez" => ("200 OK", "ok\n".to_owned()),
                 "/readyz" => {
                     if metrics.ready.load(Ordering::Relaxed) {
                         ("200 OK", "ready\n".to_owned())
@@ -62,4 +63,22 @@ pub async fn serve(
             let _ = sock.write_all(resp.as_bytes()).await;
         });
     }
+}
+
+/// kube-proxy's `/healthz` body (`lastUpdated`, `currentTime`,
+/// `nodeEligible`); 503 while the Node is being deleted or tainted for
+/// deletion, so load balancers drain it.
+fn healthz(metrics: &Metrics) -> (&'static str, String) {
+    let rfc3339 = |ms: u64| {
+        k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64).map(|t| t.to_string()).unwrap_or_default()
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    let eligible = !metrics.node_ineligible.load(Ordering::Relaxed);
+    let body = serde_json::json!({
+        "lastUpdated": rfc3339(metrics.last_updated_ms.load(Ordering::Relaxed)),
+        "currentTime": rfc3339(now),
+        "nodeEligible": eligible,
+    })
+    .to_string();
+    (if eligible { "200 OK" } else { "503 Service Unavailable" }, body)
 }

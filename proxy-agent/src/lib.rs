@@ -2,6 +2,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod explain;
+pub mod healthcheck;
 pub mod http;
 pub mod ifaces;
 pub mod inspect;

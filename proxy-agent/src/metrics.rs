@@ -57,11 +57,18 @@ pub struct Metrics {
     pub frontends: AtomicU64,
     pub backends: AtomicU64,
     pub ready: AtomicBool,
+    /// The Node is being deleted or tainted ToBeDeletedByClusterAutoscaler:
+    /// /healthz answers 503 so load balancers drain it (kube-proxy's node health).
+    pub node_ineligible: AtomicBool,
+    /// Unix time (ms) of the last completed sync (0: none yet).
+    pub last_updated_ms: AtomicU64,
 }
 
 impl Metrics {
     pub fn observe_sync(&self, d: Duration) {
         self.syncs.fetch_add(1, Ordering::Relaxed);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.last_updated_ms.store(now.as_millis() as u64, Ordering::Relaxed);
         self.inner.lock().unwrap().sync_duration.observe(d.as_secs_f64());
     }
 

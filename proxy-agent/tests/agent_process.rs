@@ -247,3 +247,28 @@ fn debug_events_report_new_flows_and_refusals() {
     let _ = std::fs::remove_file(&log);
     assert!(ok, "debug events in the agent's log:\n{text}");
 }
+
+#[test]
+fn healthz_reports_a_node_being_drained() {
+    let mut h = Harness::new();
+    h.write("web.yaml", &h.web(&[0]));
+    let node = |taint: &str| format!("---\napiVersion: v1\nkind: Node\nmetadata: {{name: node-a}}\nspec: {{{taint}}}\n");
+    h.write("node.yaml", &node(""));
+    h.start();
+    let get = |h: &Harness| proxy_testkit::http_get(&h.topo.node, 10256, "/healthz");
+    let r = get(&h);
+    assert!(r.starts_with("HTTP/1.1 200"), "healthy node: {r}");
+    let body: serde_json::Value = serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["nodeEligible"], true);
+    assert!(body["lastUpdated"].as_str().is_some_and(|s| s.starts_with("20")), "lastUpdated is a timestamp: {body}");
+    assert!(body["currentTime"].as_str().is_some_and(|s| s.starts_with("20")));
+    // The cluster autoscaler marks the node for deletion: load balancers
+    // must drain it.
+    h.write("node.yaml", &node("taints: [{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}]"));
+    assert!(wait_until(Duration::from_secs(5), || get(&h).starts_with("HTTP/1.1 503")), "503 while tainted: {}", get(&h));
+    assert!(get(&h).contains("\"nodeEligible\":false"));
+    // Traffic is still translated meanwhile (draining, not broken).
+    assert_eq!(h.answers(1), vec!["b0".to_owned()]);
+    h.write("node.yaml", &node(""));
+    assert!(wait_until(Duration::from_secs(5), || get(&h).starts_with("HTTP/1.1 200")));
+}

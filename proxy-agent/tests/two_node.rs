@@ -391,3 +391,51 @@ fn nodeport_addresses_select_the_local_addresses_nodeports_answer_on() {
     let cfg: aya::maps::Array<_, proxy_common::NodeConfig> = aya::maps::Array::try_from(map).unwrap();
     assert_eq!(cfg.get(&0, 0).unwrap().snat_addr, proxy_common::v4_mapped(env.node_ip(0).octets()));
 }
+
+/// `GET /healthz` on `addr` from `ns`: (status code, body).
+fn hc_get(ns: &Netns, addr: SocketAddrV4) -> Option<(u16, serde_json::Value)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = tcp_connect(ns, addr, T).ok()?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split("\r\n\r\n").nth(1)?;
+    Some((status, serde_json::from_str(body).ok()?))
+}
+
+#[test]
+fn health_check_node_ports_answer_per_node_and_follow_endpoints() {
+    let mut env = Env::new("2h", 1, 1);
+    let hc_port = 32_500;
+    let svc = |node: &str, ip: Ipv4Addr| {
+        service_with_status(
+            "hc",
+            "10.96.6.1",
+            "LoadBalancer",
+            30141,
+            &format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {hc_port}\n"),
+            &[(ip, node)],
+            &lb_status(&["172.18.0.70"]),
+        )
+    };
+    env.apply(&svc("node-a", env.pod_ip(0, 0)));
+    let probe = |env: &Env, n: usize| hc_get(env.client(0), sa(env.node_ip(n), hc_port));
+    let (status, body) = probe(&env, 0).expect("node A answers its health check port");
+    assert_eq!(status, 200);
+    assert_eq!(body["localEndpoints"], 1);
+    assert_eq!(body["service"]["name"], "hc");
+    let (status, body) = probe(&env, 1).expect("node B answers too");
+    assert_eq!((status, body["localEndpoints"].as_u64()), (503, Some(0)), "no local endpoint on node B");
+    // The endpoint moves to node B: the answers follow.
+    env.apply(&svc("node-b", env.pod_ip(1, 0)));
+    assert_eq!(probe(&env, 0).map(|r| r.0), Some(503));
+    assert_eq!(probe(&env, 1).map(|r| r.0), Some(200));
+    // The Service goes: the port closes on both nodes.
+    env.apply("");
+    for n in 0..2 {
+        assert!(env.agents[n].health_check_ports().is_empty());
+        let err = tcp_connect(env.client(0), sa(env.node_ip(n), hc_port), SILENT).expect_err("port closed");
+        assert_eq!(err.downcast_ref::<std::io::Error>().map(std::io::Error::kind), Some(std::io::ErrorKind::ConnectionRefused));
+    }
+}

@@ -76,13 +76,7 @@ pub fn established<const L3: usize, const EXT: bool>(ctx: &TcContext, pkt: &Pack
 /// backend on another node is SNATed to the node (its reply must come back
 /// through here).
 #[inline(always)]
-pub fn forward<const L3: usize, const EXT: bool>(
-    ctx: &TcContext,
-    pkt: &Packet,
-    svc: &(ServiceKey, ServiceValue),
-    now: u64,
-) -> Result<i32, ()> {
-    let _ = svc;
+pub fn forward<const L3: usize, const EXT: bool>(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<i32, ()> {
     let v = established::<L3, EXT>(ctx, pkt, now);
     if v != NO_FLOW {
         return Ok(v);

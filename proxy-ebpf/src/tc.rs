@@ -77,8 +77,8 @@ pub fn ingress<const L3: usize, const EXT: bool>(ctx: &TcContext) -> Result<i32,
         count(Stat::PassNoService);
         return Ok(TC_ACT_NEXT);
     };
-    if let Some(svc) = lb::lookup_frontend::<EXT>(&pkt) {
-        return lb::forward::<L3, EXT>(ctx, &pkt, &svc, now);
+    if lb::lookup_frontend::<EXT>(&pkt).is_some() {
+        return lb::forward::<L3, EXT>(ctx, &pkt, now);
     }
     if EXT && L3 == ETH_HLEN && vip.flags & VIP_F_NODE != 0 {
         let verdict = lb::snat_reply::<L3>(ctx, &pkt, now);
