@@ -68,6 +68,46 @@ pub struct Agent {
     snat: Option<Option<std::net::Ipv4Addr>>,
     /// healthCheckNodePort listeners.
     health: crate::healthcheck::HealthServer,
+    /// resourceVersions of the objects last applied (kube-proxy's change counters).
+    versions: ObjectVersions,
+}
+
+/// What the last sync saw of each object, to count changes as kube-proxy
+/// does and to time network programming from EndpointSlice trigger times.
+#[derive(Default)]
+struct ObjectVersions {
+    services: std::collections::HashMap<(String, String), Option<String>>,
+    slices: std::collections::HashMap<(String, String), Option<String>>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time` already observed, per slice.
+    triggers: std::collections::HashMap<(String, String), String>,
+}
+
+/// The EndpointSlice annotation kube-proxy times network programming from.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+fn object_key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
+}
+
+/// Objects added, changed or deleted since `old` (by resourceVersion;
+/// objects without one, as in files, count when their content is new).
+fn count_changes<'a>(
+    old: &mut std::collections::HashMap<(String, String), Option<String>>,
+    objs: impl Iterator<Item = &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+) -> u64 {
+    let mut new = std::collections::HashMap::with_capacity(old.len());
+    let mut changed = 0;
+    for m in objs {
+        let k = object_key(m);
+        let rv = m.resource_version.clone();
+        if old.remove(&k).is_none_or(|o| o != rv || rv.is_none()) {
+            changed += 1;
+        }
+        new.insert(k, rv);
+    }
+    changed += old.len() as u64; // deleted
+    *old = new;
+    changed
 }
 
 /// Whether `ip` lies in `net/len`.
@@ -198,6 +238,7 @@ impl Agent {
             local_addrs: local_ipv4_addrs(),
             snat: None,
             health: crate::healthcheck::HealthServer::new(),
+            versions: ObjectVersions::default(),
         })
     }
 
@@ -367,11 +408,48 @@ impl Agent {
         crate::inspect::record_names(&self.cfg.datapath.pin_dir(), &desired);
         let now = Instant::now();
         self.metrics.observe_sync(now - start);
+        self.kube_proxy_metrics(services, slices, &desired);
         if report.writes + report.deletes > 0 {
             self.metrics.observe_change_to_write(now - seen_at);
         }
         self.report(&desired.skipped, &report);
         report
+    }
+
+    /// kube-proxy's change counters, network programming latency and
+    /// Local-policy gauges, after a sync.
+    fn kube_proxy_metrics(&mut self, services: &[Service], slices: &[EndpointSlice], desired: &translate::Desired) {
+        let v = &mut self.versions;
+        let svc_changes = count_changes(&mut v.services, services.iter().map(|s| &s.metadata));
+        let ep_changes = count_changes(&mut v.slices, slices.iter().map(|s| &s.metadata));
+        self.metrics.service_changes.fetch_add(svc_changes, Ordering::Relaxed);
+        self.metrics.endpoint_changes.fetch_add(ep_changes, Ordering::Relaxed);
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let mut triggers = std::collections::HashMap::with_capacity(v.triggers.len());
+        for s in slices {
+            let Some(t) = s.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME_ANNOTATION)) else { continue };
+            let k = object_key(&s.metadata);
+            if v.triggers.get(&k) != Some(t)
+                && let Ok(at) = t.parse::<k8s_openapi::jiff::Timestamp>()
+                && let Ok(d) = std::time::Duration::try_from(now.duration_since(at))
+            {
+                self.metrics.observe_network_programming(d);
+            }
+            triggers.insert(k, t.clone());
+        }
+        v.triggers = triggers;
+        // Services (not ports) with a Local policy and no local endpoint.
+        let mut internal = BTreeSet::new();
+        let mut external = BTreeSet::new();
+        for fe in desired.frontends.values().filter(|f| f.drop_when_empty) {
+            let svc = fe.owner.rsplit_once(':').map_or(fe.owner.as_str(), |(s, _)| s);
+            if fe.kind == translate::FrontendKind::ClusterIp {
+                internal.insert(svc);
+            } else if fe.addr.scope == translate::Scope::External {
+                external.insert(svc);
+            }
+        }
+        self.metrics.set_no_local_endpoints(internal.len() as u64, external.len() as u64);
     }
 
     fn report(&mut self, skipped: &[Skip], report: &SyncReport) {

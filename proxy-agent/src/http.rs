@@ -65,20 +65,22 @@ pub async fn serve(
     }
 }
 
-/// kube-proxy's `/healthz` body (`lastUpdated`, `currentTime`,
-/// `nodeEligible`); 503 while the Node is being deleted or tainted for
-/// deletion, so load balancers drain it.
+/// kube-proxy's `/healthz`: 503 while a queued change has waited longer
+/// than twice the sync period without being programmed, or while the Node is
+/// being deleted or tainted for deletion (so load balancers drain it); JSON
+/// body with `lastUpdated`, `currentTime` and `nodeEligible`.
 fn healthz(metrics: &Metrics) -> (&'static str, String) {
     let rfc3339 = |ms: u64| {
         k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64).map(|t| t.to_string()).unwrap_or_default()
     };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
     let eligible = !metrics.node_ineligible.load(Ordering::Relaxed);
+    let healthy = metrics.proxier_healthy(now) && eligible;
     let body = serde_json::json!({
         "lastUpdated": rfc3339(metrics.last_updated_ms.load(Ordering::Relaxed)),
         "currentTime": rfc3339(now),
         "nodeEligible": eligible,
     })
     .to_string();
-    (if eligible { "200 OK" } else { "503 Service Unavailable" }, body)
+    (if healthy { "200 OK" } else { "503 Service Unavailable" }, body)
 }

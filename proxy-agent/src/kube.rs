@@ -55,6 +55,7 @@ where
         while let Some(item) = stream.next().await {
             match item {
                 Ok(_) => {
+                    metrics.queued(crate::metrics::unix_ms());
                     let _ = tx.try_send(Instant::now());
                 }
                 Err(e) => {

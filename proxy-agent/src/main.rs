@@ -300,6 +300,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let dp_cfg = cfg.datapath.clone();
     let sync_period = Duration::from_secs(cli.sync_period_s.max(1));
+    // kube-proxy's healthz timeout: twice the sync period.
+    metrics.health_timeout_ms.store(2 * sync_period.as_millis() as u64, Ordering::Relaxed);
     let mut agent = Agent::start(cfg, metrics.clone()).context("starting the datapath")?;
     proxy_agent::agent::spawn_conntrack_gc(
         pin_dir.clone(),
@@ -382,6 +384,9 @@ async fn run_standalone(
         if resync {
             agent.request_resync();
             last_full = Instant::now();
+        }
+        if changed {
+            metrics.queued(proxy_agent::metrics::unix_ms());
         }
         if changed || first || resync || agent.has_failures() {
             let objs = manifests.objects();

@@ -272,3 +272,37 @@ fn healthz_reports_a_node_being_drained() {
     h.write("node.yaml", &node(""));
     assert!(wait_until(Duration::from_secs(5), || get(&h).starts_with("HTTP/1.1 200")));
 }
+
+/// The value of the first sample of `name` in a Prometheus text scrape.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn kube_proxy_metrics_follow_changes() {
+    let mut h = Harness::new();
+    h.write("web.yaml", &h.web(&[0]));
+    h.start();
+    let scrape = |h: &Harness| proxy_testkit::http_get(&h.topo.node, 10249, "/metrics");
+    let before = scrape(&h);
+    let ep0 = metric(&before, "kubeproxy_sync_proxy_rules_endpoint_changes_total").expect("endpoint changes counter");
+    assert!(metric(&before, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").is_some_and(|t| t > 1.7e9));
+    // An endpoint change whose slice carries the trigger time the
+    // EndpointSlice controller writes.
+    let trigger = k8s_openapi::jiff::Timestamp::now().to_string();
+    let slice = h.web(&[1]).replace(
+        "  name: web-1\n",
+        &format!("  name: web-1\n  annotations:\n    endpoints.kubernetes.io/last-change-trigger-time: \"{trigger}\"\n"),
+    );
+    assert!(slice.contains("last-change-trigger-time"), "annotation placed: {slice}");
+    h.write("web.yaml", &slice);
+    assert!(wait_until(Duration::from_secs(5), || {
+        let t = scrape(&h);
+        metric(&t, "kubeproxy_sync_proxy_rules_endpoint_changes_total").is_some_and(|v| v > ep0)
+            && metric(&t, "kubeproxy_network_programming_duration_seconds_count").is_some_and(|v| v >= 1.0)
+    }), "counters moved:\n{}", scrape(&h));
+    assert!(h.answers(1)[0] == "b1");
+    let t = scrape(&h);
+    assert!(metric(&t, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds").is_some_and(|v| v > 1.7e9));
+    assert!(proxy_testkit::http_get(&h.topo.node, 10256, "/healthz").starts_with("HTTP/1.1 200"));
+}
