@@ -298,11 +298,19 @@ impl Agent {
         if self.attached.is_empty() && self.retry.is_empty() {
             tracing::warn!(patterns = ?self.cfg.interfaces, "no interface matches --interfaces; no traffic is translated");
         }
+        self.note_attached();
         if n > 0 && !self.migration_done {
             self.datapath.finish_migration();
             self.migration_done = true;
         }
         n
+    }
+
+    /// Tells /readyz whether anything translates (an interface attached, or
+    /// the socket path on).
+    fn note_attached(&self) {
+        let none = self.attached.is_empty() && self.cfg.datapath.socket_lb == crate::datapath::SocketLb::Off;
+        self.metrics.nothing_attached.store(none, Ordering::Relaxed);
     }
 
     fn try_attach(&mut self, iface: Iface, backoff: Duration) -> bool {
@@ -474,6 +482,8 @@ impl Agent {
         }
         self.last_failed = failed;
         self.metrics.sync_errors.fetch_add(report.failed.len() as u64, Ordering::Relaxed);
+        self.metrics.last_sync_failed.store(!report.failed.is_empty(), Ordering::Relaxed);
+        self.note_attached();
         self.metrics.frontends.store(report.frontends as u64, Ordering::Relaxed);
         self.metrics.backends.store(report.backends as u64, Ordering::Relaxed);
         let entries = self.engine.service_entries();

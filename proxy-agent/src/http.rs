@@ -43,13 +43,10 @@ pub async fn serve(
             let (status, body) = match path {
                 "/healthz" => healthz(&metrics),
                 "/livez" => ("200 OK", "ok\n".to_owned()),
-                "/readyz" => {
-                    if metrics.ready.load(Ordering::Relaxed) {
-                        ("200 OK", "ready\n".to_owned())
-                    } else {
-                        ("503 Service Unavailable", "not synced yet\n".to_owned())
-                    }
-                }
+                "/readyz" => match metrics.readiness() {
+                    Ok(()) => ("200 OK", "ready\n".to_owned()),
+                    Err(why) => ("503 Service Unavailable", format!("{why}\n")),
+                },
                 "/metrics" => {
                     refresh();
                     ("200 OK", metrics.render())

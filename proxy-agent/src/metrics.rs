@@ -118,6 +118,10 @@ pub struct Metrics {
     pub health_timeout_ms: AtomicU64,
     pub endpoint_changes: AtomicU64,
     pub service_changes: AtomicU64,
+    /// The last sync programmed everything (nothing left to retry).
+    pub last_sync_failed: AtomicBool,
+    /// No interface is attached and the socket path is off: nothing translates.
+    pub nothing_attached: AtomicBool,
 }
 
 impl Metrics {
@@ -127,6 +131,21 @@ impl Metrics {
         let mut inner = self.inner.lock().unwrap();
         inner.sync_duration.observe(d.as_secs_f64());
         inner.kp_sync_duration.observe(d.as_secs_f64());
+    }
+
+    /// `/readyz`: the first full sync is done, the last sync succeeded, and
+    /// an interface (or the socket path) is attached. `Err` says why not.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err("not synced yet");
+        }
+        if self.last_sync_failed.load(Ordering::Relaxed) {
+            return Err("the last sync left something unprogrammed (retrying)");
+        }
+        if self.nothing_attached.load(Ordering::Relaxed) {
+            return Err("no interface attached and socket LB off: nothing is translated");
+        }
+        Ok(())
     }
 
     /// A change was seen (watch event, file change) at unix time `at_ms`:
@@ -299,5 +318,25 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name:?} in\n{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod readiness_tests {
+    use super::*;
+
+    #[test]
+    fn readyz_needs_a_first_sync_a_clean_last_sync_and_something_attached() {
+        let m = Metrics::default();
+        assert!(m.readiness().is_err(), "before the first sync");
+        m.ready.store(true, Ordering::Relaxed);
+        assert!(m.readiness().is_ok());
+        m.last_sync_failed.store(true, Ordering::Relaxed);
+        assert!(m.readiness().is_err(), "a frontend failed to program");
+        m.last_sync_failed.store(false, Ordering::Relaxed);
+        m.nothing_attached.store(true, Ordering::Relaxed);
+        assert!(m.readiness().is_err(), "nothing attached");
+        m.nothing_attached.store(false, Ordering::Relaxed);
+        assert!(m.readiness().is_ok());
     }
 }

@@ -145,6 +145,9 @@ pub fn memory(services: usize, endpoints: usize) -> anyhow::Result<Memory> {
     }
     let prefix = proxy_testkit::unique_prefix("mem");
     let ns = Netns::create(&prefix)?;
+    // An interface to attach to (the agent is ready only with one attached).
+    ns.ip(&["link", "add", "memv0", "type", "veth", "peer", "name", "memv1"])?;
+    ns.ip(&["link", "set", "memv0", "up"])?;
     let dir = std::env::temp_dir().join(&prefix);
     std::fs::create_dir_all(&dir)?;
     let mut y = String::new();
@@ -159,7 +162,7 @@ pub fn memory(services: usize, endpoints: usize) -> anyhow::Result<Memory> {
     std::fs::write(dir.join("objects.yaml"), y)?;
     let mut child = ns
         .command(agent.to_str().unwrap())
-        .args(["--manifests", dir.to_str().unwrap(), "--interfaces", "lo", "--pin-dir", &prefix])
+        .args(["--manifests", dir.to_str().unwrap(), "--interfaces", "memv0", "--pin-dir", &prefix])
         .args(["--metrics-addr", "127.0.0.1:10249", "--health-addr", "127.0.0.1:10256"])
         // Never attach socket programs at this machine's root cgroup.
         .args(["--socket-lb", "off"])
