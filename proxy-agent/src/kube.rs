@@ -43,6 +43,12 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
+/// What the watchers read: (API group, resource). kube-rs watchers list and
+/// watch, nothing else; the chart's ClusterRole grants exactly these.
+pub const WATCHED: [(&str, &str); 3] = [("", "services"), ("discovery.k8s.io", "endpointslices"), ("", "nodes")];
+/// The verbs the watchers use on each of [`WATCHED`].
+pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
+
 /// Drives a reflector stream, signalling every change and counting errors.
 /// The stream retries with backoff (including 410 Gone re-lists) forever.
 fn drive<S, K>(stream: S, kind: &'static str, tx: mpsc::Sender<Instant>, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()>

@@ -57,7 +57,7 @@ fn llvm_lib(sysroot: &Path) -> anyhow::Result<(String, PathBuf)> {
     ))
 }
 
-fn cache_root() -> anyhow::Result<PathBuf> {
+pub fn cache_root() -> anyhow::Result<PathBuf> {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))

@@ -1,5 +1,6 @@
 //! Build, test, demo and bench orchestration. `cargo xtask --help`.
 mod bootstrap;
+mod chart;
 mod demo;
 
 use std::{
@@ -36,6 +37,8 @@ enum Cmd {
     /// Demo: namespaces, three backends, the agent in standalone mode on
     /// examples/demo, requests to the ClusterIP, a map dump, teardown.
     Demo,
+    /// Regenerate deploy/install.yaml from the chart (helm template).
+    Manifests,
     /// Benchmark ebpf against direct, iptables and nftables (needs root).
     Bench {
         /// Up to 10,000 Services, shorter runs (under 5 minutes).
@@ -117,6 +120,8 @@ fn main() -> anyhow::Result<()> {
             a.extend(args.iter().map(String::as_str));
             cargo(&a)?;
             if args.is_empty() {
+                eprintln!("== chart checks");
+                chart::check()?;
                 // The benchmark must not rot: one small run, a few seconds.
                 eprintln!("== benchmark smoke run");
                 bench(false, true)?;
@@ -128,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             bootstrap::run()?;
             bench(quick, smoke)
         }
+        Cmd::Manifests => chart::write_manifests(),
         Cmd::Demo => {
             require_root("demo")?;
             bootstrap::run()?;
