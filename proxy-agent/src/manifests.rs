@@ -31,7 +31,7 @@ impl Objects {
     }
 }
 
-fn add_value(objs: &mut Objects, value: serde_yaml::Value, src: &str) -> anyhow::Result<()> {
+fn add_value(objs: &mut Objects, value: serde_norway::Value, src: &str) -> anyhow::Result<()> {
     if value.is_null() {
         return Ok(());
     }
@@ -45,11 +45,11 @@ fn add_value(objs: &mut Objects, value: serde_yaml::Value, src: &str) -> anyhow:
     match kind.as_str() {
         "Service" => objs
             .services
-            .push(serde_yaml::from_value(value).with_context(|| format!("{src}: Service {name}"))?),
+            .push(serde_norway::from_value(value).with_context(|| format!("{src}: Service {name}"))?),
         "EndpointSlice" => objs
             .slices
-            .push(serde_yaml::from_value(value).with_context(|| format!("{src}: EndpointSlice {name}"))?),
-        "Node" => objs.nodes.push(serde_yaml::from_value(value).with_context(|| format!("{src}: Node {name}"))?),
+            .push(serde_norway::from_value(value).with_context(|| format!("{src}: EndpointSlice {name}"))?),
+        "Node" => objs.nodes.push(serde_norway::from_value(value).with_context(|| format!("{src}: Node {name}"))?),
         k if k.ends_with("List") => {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
                 for item in items.clone() {
@@ -65,8 +65,8 @@ fn add_value(objs: &mut Objects, value: serde_yaml::Value, src: &str) -> anyhow:
 /// Which object a document is: (kind, namespace, name).
 type DocId = (String, String, String);
 
-fn doc_id(value: &serde_yaml::Value) -> DocId {
-    let s = |v: Option<&serde_yaml::Value>| v.and_then(|v| v.as_str()).unwrap_or("").to_owned();
+fn doc_id(value: &serde_norway::Value) -> DocId {
+    let s = |v: Option<&serde_norway::Value>| v.and_then(|v| v.as_str()).unwrap_or("").to_owned();
     let meta = value.get("metadata");
     (s(value.get("kind")), s(meta.and_then(|m| m.get("namespace"))), s(meta.and_then(|m| m.get("name"))))
 }
@@ -97,8 +97,8 @@ pub fn parse_str_keeping(text: &str, src: &str, previous: &Objects) -> anyhow::R
     let mut objs = Objects::default();
     let mut errors = Vec::new();
     let old = ids_of(previous);
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let value = serde_yaml::Value::deserialize(doc).with_context(|| format!("{src}: invalid YAML"))?;
+    for doc in serde_norway::Deserializer::from_str(text) {
+        let value = serde_norway::Value::deserialize(doc).with_context(|| format!("{src}: invalid YAML"))?;
         let id = doc_id(&value);
         let mut one = Objects::default();
         match add_value(&mut one, value, src) {
@@ -122,8 +122,8 @@ pub fn parse_str_keeping(text: &str, src: &str, previous: &Objects) -> anyhow::R
 /// Parses one YAML/JSON stream.
 pub fn parse_str(text: &str, src: &str) -> anyhow::Result<Objects> {
     let mut objs = Objects::default();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let value = serde_yaml::Value::deserialize(doc).with_context(|| format!("{src}: invalid YAML"))?;
+    for doc in serde_norway::Deserializer::from_str(text) {
+        let value = serde_norway::Value::deserialize(doc).with_context(|| format!("{src}: invalid YAML"))?;
         add_value(&mut objs, value, src)?;
     }
     Ok(objs)

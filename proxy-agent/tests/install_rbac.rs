@@ -9,8 +9,8 @@ fn cluster_role_is_exactly_what_the_watchers_use() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/install.yaml")).unwrap();
     let mut granted: BTreeSet<(String, String, String)> = BTreeSet::new();
     let mut roles = 0;
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v = serde_yaml::Value::deserialize(doc).unwrap();
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let v = serde_norway::Value::deserialize(doc).unwrap();
         if v.get("kind").and_then(|k| k.as_str()) != Some("ClusterRole") {
             continue;
         }

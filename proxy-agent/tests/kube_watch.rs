@@ -141,8 +141,8 @@ async fn serve_conn(api: Arc<FakeApi>, mut sock: tokio::net::TcpStream) {
 
 fn yaml_objects(y: &str) -> Vec<Value> {
     use serde::Deserialize as _;
-    serde_yaml::Deserializer::from_str(y)
-        .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
+    serde_norway::Deserializer::from_str(y)
+        .map(|d| serde_json::to_value(serde_norway::Value::deserialize(d).unwrap()).unwrap())
         .filter(|v| !v.is_null())
         .collect()
 }

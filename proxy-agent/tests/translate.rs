@@ -51,7 +51,7 @@ fn render(d: &Desired) -> (Vec<String>, Vec<String>) {
 #[test]
 fn translation_table() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/translate.yaml")).unwrap();
-    let cases: Vec<Case> = serde_yaml::from_str(&text).unwrap();
+    let cases: Vec<Case> = serde_norway::from_str(&text).unwrap();
     assert!(cases.len() >= 15);
     let mut failures = Vec::new();
     for case in &cases {
