@@ -1,65 +1,57 @@
-//! `/healthz`, `/readyz` and `/metrics` over plain HTTP/1.1.
-use std::{net::SocketAddr, sync::{Arc, atomic::Ordering}};
+//! `/healthz`, `/livez`, `/readyz` and `/metrics`, served with axum.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+};
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
 };
 
 use crate::metrics::Metrics;
 
-/// Serves until the task is dropped. `refresh` runs before each /metrics.
-pub async fn serve(
-    addr: SocketAddr,
+#[derive(Clone)]
+struct Ctx {
     metrics: Arc<Metrics>,
     refresh: Arc<dyn Fn() + Send + Sync>,
-) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
-    tracing::info!(%addr, "serving /healthz /readyz /metrics");
-    loop {
-        let (mut sock, _) = listener.accept().await?;
-        let metrics = metrics.clone();
-        let refresh = refresh.clone();
-        tokio::spawn(async move {
-            // Read the request head (it may arrive in several segments),
-            // bounded in size and time.
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            let head = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                    match sock.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+}
+
+/// Serves until the task is dropped. `refresh` runs before each /metrics.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, refresh: Arc<dyn Fn() + Send + Sync>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+    tracing::info!(%addr, "serving /healthz /livez /readyz /metrics");
+    let app = Router::new()
+        .route("/healthz", get(|State(c): State<Ctx>| async move { healthz_response(&c.metrics) }))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(c): State<Ctx>| async move {
+                match c.metrics.readiness() {
+                    Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                 }
-                true
-            })
-            .await;
-            if !matches!(head, Ok(true)) {
-                return;
-            }
-            let req = String::from_utf8_lossy(&buf);
-            let path = req.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/healthz" => healthz(&metrics),
-                "/livez" => ("200 OK", "ok\n".to_owned()),
-                "/readyz" => match metrics.readiness() {
-                    Ok(()) => ("200 OK", "ready\n".to_owned()),
-                    Err(why) => ("503 Service Unavailable", format!("{why}\n")),
-                },
-                "/metrics" => {
-                    refresh();
-                    ("200 OK", metrics.render())
-                }
-                _ => ("404 Not Found", "not found\n".to_owned()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
-    }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(c): State<Ctx>| async move {
+                (c.refresh)();
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], c.metrics.render())
+            }),
+        )
+        .with_state(Ctx { metrics, refresh });
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+fn healthz_response(metrics: &Metrics) -> impl IntoResponse + use<> {
+    let (status, body) = healthz(metrics);
+    let code = if status.starts_with("200") { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, [(header::CONTENT_TYPE, "application/json")], body)
 }
 
 /// kube-proxy's `/healthz`: 503 while a queued change has waited longer
