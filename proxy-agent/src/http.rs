@@ -40,7 +40,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, refresh: Arc<dyn Fn(
             "/metrics",
             get(|State(c): State<Ctx>| async move {
                 (c.refresh)();
-                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], c.metrics.render())
+                ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], c.metrics.render())
             }),
         )
         .with_state(Ctx { metrics, refresh });

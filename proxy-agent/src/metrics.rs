@@ -1,9 +1,15 @@
-//! Prometheus metrics, rendered in the text exposition format.
+//! Prometheus metrics: kept as atomics and prometheus-client histograms,
+//! encoded by prometheus-client (OpenMetrics text) at each scrape.
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     sync::{Mutex, atomic::{AtomicBool, AtomicU64, Ordering}},
     time::Duration,
+};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
 };
 
 const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
@@ -23,44 +29,6 @@ fn kube_proxy_programming_buckets() -> Vec<f64> {
     b
 }
 
-struct Histogram {
-    buckets: Vec<f64>,
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Self::with_buckets(BUCKETS.to_vec())
-    }
-}
-
-impl Histogram {
-    fn with_buckets(buckets: Vec<f64>) -> Self {
-        Self { counts: vec![0; buckets.len()], buckets, sum: 0.0, count: 0 }
-    }
-
-    fn observe(&mut self, v: f64) {
-        for (i, b) in self.buckets.iter().enumerate() {
-            if v <= *b {
-                self.counts[i] += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, b) in self.buckets.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
-    }
-}
-
 struct Inner {
     sync_duration: Histogram,
     change_to_write: Histogram,
@@ -75,10 +43,10 @@ struct Inner {
 impl Default for Inner {
     fn default() -> Self {
         Self {
-            sync_duration: Histogram::default(),
-            change_to_write: Histogram::default(),
-            kp_sync_duration: Histogram::with_buckets(kube_proxy_sync_buckets()),
-            kp_programming: Histogram::with_buckets(kube_proxy_programming_buckets()),
+            sync_duration: Histogram::new(BUCKETS),
+            change_to_write: Histogram::new(BUCKETS),
+            kp_sync_duration: Histogram::new(kube_proxy_sync_buckets()),
+            kp_programming: Histogram::new(kube_proxy_programming_buckets()),
             no_local: [0; 2],
             skipped: BTreeMap::new(),
             map_entries: BTreeMap::new(),
@@ -128,7 +96,7 @@ impl Metrics {
     pub fn observe_sync(&self, d: Duration) {
         self.syncs.fetch_add(1, Ordering::Relaxed);
         self.last_updated_ms.store(unix_ms(), Ordering::Relaxed);
-        let mut inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock().unwrap();
         inner.sync_duration.observe(d.as_secs_f64());
         inner.kp_sync_duration.observe(d.as_secs_f64());
     }
@@ -196,82 +164,100 @@ impl Metrics {
         self.inner.lock().unwrap().datapath = stats;
     }
 
+    /// The exposition text (OpenMetrics) of every metric now.
     #[must_use]
     pub fn render(&self) -> String {
         let inner = self.inner.lock().unwrap();
-        let mut out = String::new();
-        inner.sync_duration.render(&mut out, "kproxy_sync_duration_seconds", "Time to bring the maps to the desired state.");
-        inner.change_to_write.render(
-            &mut out,
+        let mut r = Registry::default();
+        r.register("kproxy_sync_duration_seconds", "Time to bring the maps to the desired state", inner.sync_duration.clone());
+        r.register(
             "kproxy_change_to_write_seconds",
-            "Time from an object change being seen to the maps being written.",
+            "Time from an object change being seen to the maps being written",
+            inner.change_to_write.clone(),
         );
-        inner.kp_sync_duration.render(&mut out, "kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds");
-        inner.kp_programming.render(
-            &mut out,
+        r.register("kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", inner.kp_sync_duration.clone());
+        r.register(
             "kubeproxy_network_programming_duration_seconds",
             "In Cluster Network Programming Latency in seconds",
+            inner.kp_programming.clone(),
         );
-        let secs = |ms: u64| ms as f64 / 1000.0;
-        let _ = writeln!(
-            out,
-            "# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds The last time proxy rules were successfully synced\n# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge\nkubeproxy_sync_proxy_rules_last_timestamp_seconds {}",
-            secs(self.last_updated_ms.load(Ordering::Relaxed))
+        let seconds = |ms: u64| {
+            let g = Gauge::<f64, AtomicU64>::default();
+            g.set(ms as f64 / 1000.0);
+            g
+        };
+        r.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            seconds(self.last_updated_ms.load(Ordering::Relaxed)),
         );
-        let _ = writeln!(
-            out,
-            "# HELP kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds The last time a sync of proxy rules was queued\n# TYPE kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge\nkubeproxy_sync_proxy_rules_last_queued_timestamp_seconds {}",
-            secs(self.last_queued_ms.load(Ordering::Relaxed))
+        r.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            seconds(self.last_queued_ms.load(Ordering::Relaxed)),
         );
-        let _ = writeln!(
-            out,
-            "# HELP kubeproxy_sync_proxy_rules_no_local_endpoints_total Number of services with a Local traffic policy and no endpoints\n# TYPE kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge\nkubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"internal\"}} {}\nkubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"external\"}} {}",
-            inner.no_local[0], inner.no_local[1]
+        let no_local = Family::<Vec<(String, String)>, Gauge>::default();
+        for (policy, n) in [("internal", inner.no_local[0]), ("external", inner.no_local[1])] {
+            no_local.get_or_create(&vec![("traffic_policy".into(), policy.into())]).set(n as i64);
+        }
+        r.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            no_local,
         );
+        // Counters: prometheus-client appends `_total`.
         let counters = [
-            (
-                "kubeproxy_sync_proxy_rules_endpoint_changes_total",
-                "Cumulative proxy rules Endpoint changes",
-                &self.endpoint_changes,
-            ),
-            (
-                "kubeproxy_sync_proxy_rules_service_changes_total",
-                "Cumulative proxy rules Service changes",
-                &self.service_changes,
-            ),
-            ("kproxy_syncs_total", "Syncs performed.", &self.syncs),
-            ("kproxy_sync_errors_total", "Frontends or backends a sync could not program.", &self.sync_errors),
-            ("kproxy_api_errors_total", "Errors talking to the Kubernetes API.", &self.api_errors),
-            ("kproxy_attach_errors_total", "Failed attempts to attach to an interface (each is retried).", &self.attach_errors),
-            ("kproxy_conntrack_collected_total", "Conntrack entries removed by the collector.", &self.ct_collected),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes", "Cumulative proxy rules Endpoint changes", &self.endpoint_changes),
+            ("kubeproxy_sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes", &self.service_changes),
+            ("kproxy_syncs", "Syncs performed", &self.syncs),
+            ("kproxy_sync_errors", "Frontends or backends a sync could not program", &self.sync_errors),
+            ("kproxy_api_errors", "Errors talking to the Kubernetes API", &self.api_errors),
+            ("kproxy_attach_errors", "Failed attempts to attach to an interface (each is retried)", &self.attach_errors),
+            ("kproxy_conntrack_collected", "Conntrack entries removed by the collector", &self.ct_collected),
         ];
         for (name, help, v) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let c = Counter::<u64>::default();
+            c.inc_by(v.load(Ordering::Relaxed));
+            r.register(name, help, c);
         }
         let gauges = [
-            ("kproxy_programmed_frontends", "Frontends (address, port, protocol) in the datapath.", &self.frontends),
-            ("kproxy_programmed_backends", "Distinct backends in the datapath.", &self.backends),
+            ("kproxy_programmed_frontends", "Frontends (address, port, protocol, scope) in the datapath", &self.frontends),
+            ("kproxy_programmed_backends", "Distinct backends in the datapath", &self.backends),
         ];
         for (name, help, v) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Ordering::Relaxed));
+            let g = Gauge::<i64>::default();
+            g.set(v.load(Ordering::Relaxed) as i64);
+            r.register(name, help, g);
         }
-        let _ = writeln!(out, "# HELP kproxy_skipped_objects Service parts not programmed, by reason.\n# TYPE kproxy_skipped_objects gauge");
-        for (reason, n) in &inner.skipped {
-            let _ = writeln!(out, "kproxy_skipped_objects{{reason=\"{reason}\"}} {n}");
-        }
-        let _ = writeln!(out, "# HELP kproxy_map_fill_ratio Entries over capacity, per map.\n# TYPE kproxy_map_fill_ratio gauge");
+        let labeled = |key: &str, values: &mut dyn Iterator<Item = (String, i64)>| {
+            let f = Family::<Vec<(String, String)>, Gauge>::default();
+            for (label, v) in values {
+                f.get_or_create(&vec![(key.to_owned(), label)]).set(v);
+            }
+            f
+        };
+        r.register(
+            "kproxy_skipped_objects",
+            "Service parts not programmed, by reason",
+            labeled("reason", &mut inner.skipped.iter().map(|(k, v)| (k.clone(), *v as i64))),
+        );
+        let fill = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
         for (map, (n, cap)) in &inner.map_entries {
-            let ratio = if *cap == 0 { 0.0 } else { *n as f64 / *cap as f64 };
-            let _ = writeln!(out, "kproxy_map_fill_ratio{{map=\"{map}\"}} {ratio}");
+            fill.get_or_create(&vec![("map".into(), (*map).to_owned())]).set(if *cap == 0 { 0.0 } else { *n as f64 / *cap as f64 });
         }
-        let _ = writeln!(out, "# HELP kproxy_map_entries Entries per map.\n# TYPE kproxy_map_entries gauge");
-        for (map, (n, _)) in &inner.map_entries {
-            let _ = writeln!(out, "kproxy_map_entries{{map=\"{map}\"}} {n}");
-        }
-        let _ = writeln!(out, "# HELP kproxy_datapath_packets_total Packets by datapath verdict.\n# TYPE kproxy_datapath_packets_total counter");
+        r.register("kproxy_map_fill_ratio", "Entries over capacity, per map", fill);
+        r.register(
+            "kproxy_map_entries",
+            "Entries per map",
+            labeled("map", &mut inner.map_entries.iter().map(|(k, (n, _))| ((*k).to_owned(), *n as i64))),
+        );
+        let packets = Family::<Vec<(String, String)>, Counter>::default();
         for (reason, n) in &inner.datapath {
-            let _ = writeln!(out, "kproxy_datapath_packets_total{{reason=\"{reason}\"}} {n}");
+            packets.get_or_create(&vec![("reason".into(), (*reason).to_owned())]).inc_by(*n);
         }
+        r.register("kproxy_datapath_packets", "Packets by datapath verdict", packets);
+        let mut out = String::new();
+        let _ = encode(&mut out, &r);
         out
     }
 }
@@ -307,7 +293,7 @@ mod tests {
         let text = m.render();
         for name in [
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1",
-            "kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 1",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"1.0\"} 1",
             "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.5\"} 0",
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",
             "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds ",
