@@ -544,7 +544,8 @@ pub enum Stat {
     DropNoRoute = 33,
     /// XDP: translated and sent back out of the interface it came in on.
     XdpTx = 34,
-    /// XDP: translated and redirected to another interface.
+    /// XDP: reserved (flows whose next hop is behind another interface are
+    /// left to TC, whose redirect works for any device).
     XdpRedirect = 35,
     /// XDP: translated and handed to the stack (local backend).
     XdpPassTranslated = 36,
@@ -680,7 +681,7 @@ impl Stat {
             Stat::DropSourceRange => "dropped: source outside the Service's loadBalancerSourceRanges",
             Stat::DropNoRoute => "dropped: no route toward the backend or client of a forwarded flow",
             Stat::XdpTx => "XDP: translated and sent back out of the interface it came in on",
-            Stat::XdpRedirect => "XDP: translated and redirected to another interface",
+            Stat::XdpRedirect => "XDP: reserved (flows toward another interface go to TC)",
             Stat::XdpPassTranslated => "XDP: translated and handed to the stack (local backend)",
             Stat::XdpToTc => "XDP: left to the TC path (unknown neighbour, fragment, ICMP, IP options...)",
         }

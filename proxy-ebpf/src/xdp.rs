@@ -1,8 +1,10 @@
 //! XDP on the node's external interfaces (`--nodeport-acceleration`):
 //! NodePort, LoadBalancer and externalIP flows are translated before the
 //! stack sees them, and flows to backends on other nodes (SNAT) and their
-//! replies are forwarded straight back out (`bpf_fib_lookup`, then
-//! XDP_TX or a redirect), as Cilium's and Katran's XDP paths do. Packets to
+//! replies are sent straight back out of the interface they came in on
+//! (`bpf_fib_lookup`, then XDP_TX), as Katran's XDP path does; a flow whose
+//! next hop is behind another interface is left to TC, whose redirect
+//! works for any device (an XDP redirect needs XDP transmit there). Packets to
 //! a local backend are translated and handed to the stack.
 //!
 //! Whatever XDP cannot finish goes on to the TC path unchanged (XDP_PASS):
@@ -15,7 +17,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
     programs::XdpContext,
 };
 use proxy_common::{
@@ -170,7 +172,10 @@ fn forward(ctx: &XdpContext, pkt: &Packet, src: ([u8; 4], u16), dst: ([u8; 4], u
     let rc = unsafe {
         bpf_fib_lookup(ctx.ctx.cast(), &raw mut p, core::mem::size_of::<aya_ebpf::bindings::bpf_fib_lookup>() as i32, 0)
     };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+    // Another egress device may have no XDP transmit (a tunnel, a veth
+    // whose peer runs no XDP program): a redirect there would drop the
+    // frame. TC's redirect works for every device: leave it to TC.
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || p.ifindex != ifindex {
         count(Stat::XdpToTc);
         return XDP_PASS;
     }
@@ -181,13 +186,8 @@ fn forward(ctx: &XdpContext, pkt: &Packet, src: ([u8; 4], u16), dst: ([u8; 4], u
     let Ok(eth) = ptr_at::<[[u8; 6]; 2]>(ctx, 0) else { return XDP_DROP };
     // SAFETY: bounds-checked above.
     unsafe { *eth = [p.dmac, p.smac] };
-    if p.ifindex == ifindex {
-        count(Stat::XdpTx);
-        return XDP_TX;
-    }
-    count(Stat::XdpRedirect);
-    // SAFETY: helper with an ifindex and flags.
-    unsafe { bpf_redirect(p.ifindex, 0) as u32 }
+    count(Stat::XdpTx);
+    XDP_TX
 }
 
 /// DNAT only, for a local backend: the stack delivers it.
