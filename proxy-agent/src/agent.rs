@@ -60,7 +60,10 @@ pub struct Agent {
     reload_due: bool,
     last_skipped: BTreeSet<Skip>,
     last_failed: BTreeSet<(String, String)>,
-    cache: translate::TranslationCache,
+    /// The desired state by Service, updated incrementally.
+    index: crate::incremental::Index,
+    /// Frontends changed since the names file was last written.
+    names_due: bool,
     /// This network namespace's IPv4 addresses (for `--nodeport-addresses`),
     /// refreshed with the interfaces.
     local_addrs: Vec<std::net::Ipv4Addr>,
@@ -192,7 +195,8 @@ impl Agent {
             reload_due: false,
             last_skipped: BTreeSet::new(),
             last_failed: BTreeSet::new(),
-            cache: translate::TranslationCache::default(),
+            index: crate::incremental::Index::default(),
+            names_due: false,
             local_addrs: local_ipv4_addrs(),
             snat: None,
         })
@@ -316,14 +320,9 @@ impl Agent {
         !self.last_failed.is_empty()
     }
 
-    /// Programs the maps from the full set of objects.
-    pub fn apply(&mut self, services: &[Service], slices: &[EndpointSlice], nodes: &[Node], seen_at: Instant) -> SyncReport {
-        let start = Instant::now();
-        if std::mem::take(&mut self.reload_due)
-            && let Err(e) = self.engine.reload()
-        {
-            tracing::warn!(error = %e, "re-reading the maps for a full resync; syncing from the mirror");
-        }
+    /// This node's translation inputs now (and the SNAT address written to
+    /// the datapath when it changed).
+    fn current_node(&mut self, nodes: &[Node]) -> NodeInfo {
         let mut node = node_info(&self.cfg, nodes);
         if !self.cfg.nodeport_cidrs.is_empty() {
             // kube-proxy's --nodeport-addresses: the local addresses in
@@ -348,20 +347,85 @@ impl Agent {
                 Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot write the node config (SNAT address)"),
             }
         }
-        let desired = translate::translate_all_cached(services, slices, &node, &mut self.cache);
+        node
+    }
+
+    /// Programs the maps from the full set of objects: every Service is
+    /// brought up to date (unchanged ones by resourceVersion) and every
+    /// frontend diffed against the mirror. The safety net of the
+    /// incremental path ([`Agent::apply_changes`]).
+    pub fn apply<'a>(
+        &mut self,
+        services: impl IntoIterator<Item = &'a Service>,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        nodes: &[Node],
+        seen_at: Instant,
+    ) -> SyncReport {
+        let start = Instant::now();
+        if std::mem::take(&mut self.reload_due)
+            && let Err(e) = self.engine.reload()
+        {
+            tracing::warn!(error = %e, "re-reading the maps for a full resync; syncing from the mirror");
+        }
+        let node = self.current_node(nodes);
+        self.index.sync_all(services, slices, &node);
         // UDP flows of a backend that left a frontend move at their next
         // packet (the datapath checks membership); the collector removes
         // their entries in the background.
-        let report = self.engine.sync(&desired);
-        // Names for `proxy-agent inspect` and `explain`, beside the maps.
-        crate::inspect::record_names(&self.cfg.datapath.pin_dir(), &desired);
+        let report = self.engine.sync(self.index.desired());
+        self.names_due = true;
+        self.finish(start, seen_at, &report, true);
+        self.flush_names();
+        report
+    }
+
+    /// The incremental path: re-translates only the named Services (with
+    /// their Service object, `None` when deleted, and their EndpointSlices)
+    /// and writes only the frontends whose desired state changed. Returns
+    /// `None` when this node's translation inputs changed (every Service
+    /// depends on them): the caller then runs [`Agent::apply`].
+    pub fn apply_changes<'a>(
+        &mut self,
+        changed: impl IntoIterator<Item = (crate::incremental::ServiceId, Option<&'a Service>, Vec<&'a EndpointSlice>)>,
+        nodes: &[Node],
+        seen_at: Instant,
+    ) -> Option<SyncReport> {
+        let start = Instant::now();
+        let node = self.current_node(nodes);
+        if self.reload_due || !self.index.is_for(&node) {
+            return None;
+        }
+        let delta = self.index.update(changed);
+        let desired = self.index.desired();
+        let fes = crate::incremental::frontend_changes(desired, &delta);
+        let vips = crate::incremental::vip_changes(desired, &delta);
+        let report = self.engine.sync_changes(&fes, &vips);
+        self.names_due |= !delta.is_empty();
+        self.finish(start, seen_at, &report, !delta.is_empty());
+        Some(report)
+    }
+
+    fn finish(&mut self, start: Instant, seen_at: Instant, report: &SyncReport, changed: bool) {
         let now = Instant::now();
         self.metrics.observe_sync(now - start);
         if report.writes + report.deletes > 0 {
             self.metrics.observe_change_to_write(now - seen_at);
         }
-        self.report(&desired.skipped, &report);
-        report
+        if changed {
+            let skipped = self.index.skipped();
+            self.report(&skipped, report);
+        } else {
+            self.report_counts(report);
+        }
+    }
+
+    /// Writes the frontend names for `proxy-agent inspect` and `explain`
+    /// beside the maps, when frontends changed since the last write. Kept
+    /// out of the sync itself (it writes every frontend's name).
+    pub fn flush_names(&mut self) {
+        if std::mem::take(&mut self.names_due) {
+            crate::inspect::record_names(&self.cfg.datapath.pin_dir(), self.index.desired());
+        }
     }
 
     fn report(&mut self, skipped: &[Skip], report: &SyncReport) {
@@ -379,6 +443,10 @@ impl Agent {
         }
         self.metrics.set_skipped(by_reason);
         self.last_skipped = now;
+        self.report_counts(report);
+    }
+
+    fn report_counts(&mut self, report: &SyncReport) {
         // Warn once per (object, error), not on every sync.
         let failed: BTreeSet<(String, String)> = report.failed.iter().cloned().collect();
         for (owner, err) in failed.difference(&self.last_failed) {

@@ -171,6 +171,9 @@ pub enum SkipReason {
     /// A LoadBalancer ingress with `ipMode: Proxy`: the load balancer proxies
     /// to the nodes, so its IP is not programmed (kube-proxy skips it too).
     ProxyIpMode(String),
+    /// More endpoints for one Service port than a frontend can hold (the
+    /// datapath's slot index is 16 bits): the port is not programmed.
+    TooManyEndpoints(usize),
 }
 
 impl SkipReason {
@@ -188,6 +191,7 @@ impl SkipReason {
             SkipReason::Conflict(_) => "conflict",
             SkipReason::InvalidSourceRange(_) => "invalid_source_range",
             SkipReason::ProxyIpMode(_) => "ip_mode_proxy",
+            SkipReason::TooManyEndpoints(_) => "too_many_endpoints",
         }
     }
 }
@@ -206,6 +210,11 @@ impl std::fmt::Display for SkipReason {
             SkipReason::InvalidSourceRange(r) => {
                 write!(f, "loadBalancerSourceRanges entry {r:?} is not a CIDR (ignored)")
             }
+            SkipReason::TooManyEndpoints(n) => write!(
+                f,
+                "{n} endpoints exceed the limit of {} backends per frontend; this port is not programmed (split the Service)",
+                crate::sync::MAX_BACKENDS_PER_FRONTEND
+            ),
             SkipReason::ProxyIpMode(ip) => {
                 write!(f, "LoadBalancer ingress {ip} has ipMode Proxy: left to the load balancer, not programmed")
             }
@@ -568,6 +577,12 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeIn
         let local_backends = addrs(&node_local(&eps, node));
         let any_usable = !usable_eps.is_empty();
         let cluster_backends_ext = addrs(&topology_filter(usable_eps.clone(), node));
+        let most = cluster_backends.len().max(local_backends.len()).max(cluster_backends_ext.len());
+        if most > crate::sync::MAX_BACKENDS_PER_FRONTEND {
+            skips.insert(SkipReason::TooManyEndpoints(most));
+            out.skipped.extend(skips.into_iter().map(|reason| Skip { owner: port_owner.clone(), reason }));
+            continue;
+        }
         let base = |ip: IpAddr, port: u16, kind: FrontendKind, scope: Scope, backends: &Vec<BackendAddr>, local: bool| Frontend {
             addr: FrontendAddr { ip, port, proto, scope },
             kind,
@@ -634,7 +649,7 @@ pub struct Desired {
 }
 
 /// The `VIP_F_*` flags of a frontend address.
-fn vip_flags(fe: &Frontend, node: &NodeInfo) -> u32 {
+pub(crate) fn vip_flags(fe: &Frontend, node: &NodeInfo) -> u32 {
     let mut f = 0;
     if fe.kind == FrontendKind::ClusterIp {
         f |= proxy_common::VIP_F_CLUSTER_IP;
@@ -655,7 +670,7 @@ pub struct TranslationCache {
     entries: std::collections::HashMap<(String, String), (String, Translation)>,
 }
 
-fn fingerprint(svc: &Service, slices: &[&EndpointSlice]) -> Option<String> {
+pub(crate) fn fingerprint(svc: &Service, slices: &[&EndpointSlice]) -> Option<String> {
     let mut f = svc.metadata.resource_version.clone()?;
     let mut rvs: Vec<(&str, &str)> = Vec::with_capacity(slices.len());
     for s in slices {
@@ -683,7 +698,7 @@ struct Precedence<'a> {
     name: &'a str,
 }
 
-fn kind_rank(k: FrontendKind) -> u8 {
+pub(crate) fn kind_rank(k: FrontendKind) -> u8 {
     match k {
         FrontendKind::ClusterIp => 0,
         FrontendKind::NodePort => 1,
@@ -691,7 +706,7 @@ fn kind_rank(k: FrontendKind) -> u8 {
     }
 }
 
-fn conflict(lost: &Frontend, winner: &str) -> Skip {
+pub(crate) fn conflict(lost: &Frontend, winner: &str) -> Skip {
     Skip {
         owner: lost.owner.clone(),
         reason: SkipReason::Conflict(format!(
