@@ -375,13 +375,19 @@ impl<M: MapOps> SyncEngine<M> {
         self.delete_unused_backends(|b| wanted_backends.contains(b), &mut report);
         // ClientIP affinity is per Service port: one group id shared by the
         // port's frontends, kept from what is programmed when possible.
-        self.groups.clear();
+        // A programmed group is kept only by the owner it was given to (a
+        // frontend address may have changed hands), and by one owner only.
+        let prev: HashMap<u32, String> = self.groups.drain().map(|(o, g)| (g, o)).collect();
+        let mut taken: std::collections::HashSet<u32> = std::collections::HashSet::new();
         for (key, fe) in &wanted {
             if fe.affinity_timeout_s.is_some()
+                && !self.groups.contains_key(&fe.owner)
                 && let Some(p) = self.frontends.get(key)
                 && p.value.backend_id != 0
+                && prev.get(&p.value.backend_id).is_none_or(|o| *o == fe.owner)
+                && taken.insert(p.value.backend_id)
             {
-                self.groups.entry(fe.owner.clone()).or_insert(p.value.backend_id);
+                self.groups.insert(fe.owner.clone(), p.value.backend_id);
             }
         }
         // Frontends: add or update.
@@ -479,10 +485,7 @@ impl<M: MapOps> SyncEngine<M> {
     /// Programs one frontend, with its Service port's affinity group.
     fn add_or_update(&mut self, key: ServiceKey, fe: &Frontend, report: &mut SyncReport) {
         let group = if fe.affinity_timeout_s.is_some() {
-            let known = self.groups.get(fe.owner.as_str()).copied().or_else(|| {
-                self.frontends.get(&key).map(|p| p.value.backend_id).filter(|g| *g != 0)
-            });
-            match known {
+            match self.groups.get(fe.owner.as_str()).copied() {
                 Some(g) => g,
                 None => match self.svc_alloc.take(&mut self.maps) {
                     Ok(g) => g,

@@ -750,6 +750,7 @@ pub fn translate_all_cached(
     });
     let mut desired = Desired::default();
     let mut claims: BTreeMap<FrontendAddr, (Precedence<'_>, Frontend)> = BTreeMap::new();
+    let mut lost: Vec<Frontend> = Vec::new();
     let mut live: std::collections::HashSet<(String, String)> = std::collections::HashSet::with_capacity(services.len());
     for svc in sorted {
         let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
@@ -778,15 +779,19 @@ pub fn translate_all_cached(
                 }
                 std::collections::btree_map::Entry::Occupied(mut o) => {
                     if o.get().0 <= rank {
-                        desired.skipped.push(conflict(&fe, &o.get().1.owner));
+                        lost.push(fe);
                     } else {
-                        let (_, lost) = o.insert((rank, fe));
-                        desired.skipped.push(conflict(&lost, &o.get().1.owner));
+                        let (_, l) = o.insert((rank, fe));
+                        lost.push(l);
                     }
                 }
             }
         }
         desired.skipped.extend(t.skipped);
+    }
+    // Losers name the final winner of their address.
+    for fe in lost {
+        desired.skipped.push(conflict(&fe, &claims[&fe.addr].1.owner));
     }
     for (addr, (_, fe)) in claims {
         *desired.vips.entry(addr.ip).or_default() |= vip_flags(&fe, node);
