@@ -84,7 +84,9 @@ impl Delta {
 pub struct Index {
     node: Option<NodeInfo>,
     services: HashMap<ServiceId, Entry>,
-    claims: HashMap<FrontendAddr, BTreeSet<Claim>>,
+    /// Claimants of each frontend address, best first (a sorted `Vec`: most
+    /// addresses have one, and a B-tree node would cost a kilobyte each).
+    claims: HashMap<FrontendAddr, Vec<Claim>>,
     /// The winners (`skipped` is not kept here: see [`Index::skipped`]).
     desired: Desired,
     /// Services whose translation skipped something.
@@ -219,7 +221,9 @@ impl Index {
             for (idx, fe) in old.t.frontends.iter().enumerate() {
                 let c = Claim { kind: kind_rank(fe.kind), created: old.created, id: id.clone(), idx };
                 if let Some(set) = self.claims.get_mut(&fe.addr) {
-                    set.remove(&c);
+                    if let Ok(i) = set.binary_search(&c) {
+                        set.remove(i);
+                    }
                     if set.is_empty() {
                         self.claims.remove(&fe.addr);
                     }
@@ -234,7 +238,10 @@ impl Index {
         let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
         for (idx, fe) in t.frontends.iter().enumerate() {
             let c = Claim { kind: kind_rank(fe.kind), created, id: id.clone(), idx };
-            self.claims.entry(fe.addr).or_default().insert(c);
+            let set = self.claims.entry(fe.addr).or_default();
+            if let Err(i) = set.binary_search(&c) {
+                set.insert(i, c);
+            }
             delta.frontends.insert(fe.addr);
         }
         if !t.skipped.is_empty() {

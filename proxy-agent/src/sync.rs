@@ -390,8 +390,11 @@ impl<M: MapOps> SyncEngine<M> {
                 self.groups.insert(fe.owner.clone(), p.value.backend_id);
             }
         }
-        // Frontends: add or update.
-        for (key, fe) in &wanted {
+        // Frontends: add or update, a Service port's frontends together, so
+        // its Maglev table is computed once and only a few are held.
+        let mut order: Vec<(&ServiceKey, &&Frontend)> = wanted.iter().collect();
+        order.sort_by(|a, b| a.1.owner.cmp(&b.1.owner).then(a.0.cmp(b.0)));
+        for (key, fe) in order {
             self.add_or_update(*key, fe, &mut report);
         }
         // Backends nothing refers to any more (after the updates).
@@ -635,6 +638,9 @@ impl<M: MapOps> SyncEngine<M> {
         // The Maglev table, written whole (readers see the old or the new one).
         if want_maglev && prog.maglev.as_ref() != Some(&ids) {
             if !self.tables.contains_key(&ids) {
+                if self.tables.len() >= 16 {
+                    self.tables.clear();
+                }
                 let pairs: Vec<(u32, Backend)> = ids.iter().map(|id| (*id, self.backends[id])).collect();
                 self.tables.insert(ids.clone(), Box::new(crate::maglev::table(&pairs)));
             }
