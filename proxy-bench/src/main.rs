@@ -388,13 +388,13 @@ fn sync_report(syncs: &[sync::SyncResult], memory: &load::Memory, big: Option<&l
         md,
         "One endpoint change = one EndpointSlice event through the incremental path (`Agent::apply_changes`: re-translate that Service, diff, write), timed from the event to the last map write.\n"
     );
-    let _ = writeln!(md, "| Services × endpoints | full sync ms (map writes) | resync, nothing changed, ms | change p50 ms | change p99 ms | max ms | changes |");
-    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "| Services × endpoints | full sync ms (map writes) | resync, nothing changed, ms | change p50 ms | change p99 ms | max ms | changes | agent state MB |");
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in syncs {
         let _ = writeln!(
             md,
-            "| {} × {} | {:.1} ({}) | {:.1} | {:.3} | {:.3} | {:.3} | {} |",
-            r.services, r.endpoints, r.full_ms, r.full_writes, r.resync_ms, r.change_p50_ms, r.change_p99_ms, r.change_max_ms, r.changes
+            "| {} × {} | {:.1} ({}) | {:.1} | {:.3} | {:.3} | {:.3} | {} | {:.1} |",
+            r.services, r.endpoints, r.full_ms, r.full_writes, r.resync_ms, r.change_p50_ms, r.change_p99_ms, r.change_max_ms, r.changes, r.state_mb
         );
     }
     let _ = writeln!(md, "\nAgent RSS (standalone, release): {:.1} MB at {} × {}", memory.rss_mb, memory.services, memory.endpoints);

@@ -34,6 +34,18 @@ pub struct SyncResult {
     pub change_p99_ms: f64,
     pub change_max_ms: f64,
     pub changes: usize,
+    /// RSS growth of this process across the first full sync: the agent's
+    /// own state (translations, desired state, map mirror), the objects
+    /// excluded (they were built before).
+    pub state_mb: f64,
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .unwrap_or(0.0)
+        / 1024.0
 }
 
 fn endpoint_ip(n: usize) -> String {
@@ -94,10 +106,12 @@ pub fn measure(n: usize, endpoints: usize, changes: usize) -> anyhow::Result<Syn
         let services: Vec<Service> = (0..n).map(service).collect();
         let mut slices: Vec<EndpointSlice> = (0..n).map(|i| slice(i, endpoints, &endpoint_ip(i * endpoints), 1)).collect();
         let mut agent = ns.run(|| Agent::start(cfg, std::sync::Arc::new(Metrics::default())))?;
+        let rss_before = rss_mb();
         let t = Instant::now();
         let r = agent.apply(&services, &slices, &[], t);
         let full_ms = t.elapsed().as_secs_f64() * 1e3;
         let full_writes = r.writes;
+        let state_mb = rss_mb() - rss_before;
         if !r.failed.is_empty() {
             bail!("programming {n} Services failed: {:?}", &r.failed[..r.failed.len().min(3)]);
         }
@@ -135,6 +149,7 @@ pub fn measure(n: usize, endpoints: usize, changes: usize) -> anyhow::Result<Syn
             change_p99_ms: percentile(&times, 0.99),
             change_max_ms: *times.last().unwrap_or(&0.0),
             changes,
+            state_mb,
         })
     })();
     let _ = datapath::cleanup(&pin);
