@@ -38,7 +38,7 @@ enum Msg {
     /// One Service (and its slices) to re-translate.
     Service(ServiceId),
     /// An EndpointSlice event, applied to the slice index by the loop.
-    Slice(watcher::Event<EndpointSlice>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
     /// Everything (a re-list, the Node changed).
     All,
 }
@@ -139,7 +139,7 @@ pub async fn run(
             tx.clone(),
             metrics.clone(),
         ),
-        drive(slice_stream, "EndpointSlice", |ev| Some(Msg::Slice(ev)), tx.clone(), metrics.clone()),
+        drive(slice_stream, "EndpointSlice", |ev| Some(Msg::Slice(Box::new(ev))), tx.clone(), metrics.clone()),
         drive(
             node_stream,
             "Node",
@@ -160,7 +160,7 @@ pub async fn run(
             dirty.insert(id);
         }
         Msg::All => *full_due = true,
-        Msg::Slice(ev) => match slices.on_event(ev) {
+        Msg::Slice(ev) => match slices.on_event(*ev) {
             Some(ids) => dirty.extend(ids),
             None => *full_due = true,
         },

@@ -121,12 +121,14 @@ fn slice(j: u8, owner: u8, eps: &Eps, rv: u64) -> EndpointSlice {
     .unwrap()
 }
 
+/// One frontend as a reader sees it: flags, affinity timeout, backends in
+/// slot order, a digest of its Maglev table as backends, source ranges.
+type FrontendView = (u16, u32, Vec<Bk>, Option<u64>, BTreeSet<([u8; 16], u32)>);
+
 /// The maps as a reader sees them, with ids replaced by what they name.
 #[derive(Debug, PartialEq, Eq)]
 struct Canon {
-    /// Frontend -> (flags, affinity timeout, backends in slot order,
-    /// digest of the Maglev table as backends, source ranges).
-    frontends: BTreeMap<ServiceKey, (u16, u32, Vec<Bk>, Option<u64>, BTreeSet<([u8; 16], u32)>)>,
+    frontends: BTreeMap<ServiceKey, FrontendView>,
     /// Frontends sharing an affinity group.
     groups: BTreeSet<BTreeSet<ServiceKey>>,
     vips: BTreeMap<[u8; 16], u32>,
@@ -228,8 +230,7 @@ impl World {
         let changed = dirty.iter().map(|id| (id.clone(), by_id.get(id).copied(), self.slice_index.slices_of(id)));
         let delta = self.index.update(changed);
         let d = self.index.desired();
-        let r = self.engine.sync_changes(&incremental::frontend_changes(d, &delta), &incremental::vip_changes(d, &delta));
-        r
+        self.engine.sync_changes(&incremental::frontend_changes(d, &delta), &incremental::vip_changes(d, &delta))
     }
 
     fn check(&self) {
