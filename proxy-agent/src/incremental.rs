@@ -314,3 +314,44 @@ pub fn frontend_changes<'a>(desired: &'a Desired, delta: &Delta) -> Vec<(Fronten
 pub fn vip_changes(desired: &Desired, delta: &Delta) -> Vec<(IpAddr, Option<u32>)> {
     delta.vips.iter().map(|ip| (*ip, desired.vips.get(ip).copied())).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::translate_all;
+
+    fn svc(name: &str, ip: &str, node_port: u16) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "resourceVersion": "1"},
+            "spec": {"type": "NodePort", "clusterIP": ip, "ports": [{"name": "p", "port": 80, "nodePort": node_port}]},
+        }))
+        .unwrap()
+    }
+
+    fn node(addr: &str) -> NodeInfo {
+        NodeInfo { name: "n".into(), zone: None, addresses: vec![addr.parse().unwrap()] }
+    }
+
+    #[test]
+    fn a_node_change_retranslates_everything_and_reports_what_went() {
+        let services = vec![svc("a", "10.96.0.1", 30001), svc("b", "10.96.0.2", 30002)];
+        let mut ix = Index::default();
+        let first = ix.sync_all(&services, [], &node("192.168.0.1"));
+        assert_eq!(ix.desired().frontends, translate_all(&services, &[], &node("192.168.0.1")).frontends);
+        assert_eq!(first.frontends.len(), 4, "two ClusterIPs and two NodePorts");
+        // Same objects, same node: nothing to do.
+        assert!(ix.sync_all(&services, [], &node("192.168.0.1")).is_empty());
+        // The node's address changes: the old NodePorts go, new ones come.
+        let d = ix.sync_all(&services, [], &node("192.168.0.2"));
+        let want = translate_all(&services, &[], &node("192.168.0.2"));
+        assert_eq!(ix.desired().frontends, want.frontends);
+        assert_eq!(ix.desired().vips, want.vips);
+        let old: IpAddr = "192.168.0.1".parse().unwrap();
+        assert!(d.frontends.iter().filter(|a| a.ip == old).count() == 2, "the old NodePorts are reported: {d:?}");
+        assert!(d.vips.contains(&old) && !ix.desired().vips.contains_key(&old), "the old node address goes");
+        // A deleted Service's frontends go in an update.
+        let d = ix.update([(("ns".to_owned(), "a".to_owned()), None, vec![])]);
+        assert_eq!(d.frontends.len(), 2);
+        assert_eq!(ix.desired().frontends, translate_all(&services[1..], &[], &node("192.168.0.2")).frontends);
+    }
+}
