@@ -91,6 +91,8 @@ pub struct Index {
     desired: Desired,
     /// Services whose translation skipped something.
     with_skips: HashSet<ServiceId>,
+    /// Addresses with more than one claimant (conflicts to report).
+    contested: HashSet<FrontendAddr>,
 }
 
 /// Every frontend address at `ip`, as a range of the ordered map.
@@ -135,7 +137,7 @@ impl Index {
                 out.extend(e.t.skipped.iter().cloned());
             }
         }
-        for claims in self.claims.values().filter(|c| c.len() > 1) {
+        for claims in self.contested.iter().filter_map(|a| self.claims.get(a)) {
             let mut it = claims.iter();
             let Some(winner) = it.next().and_then(|c| self.frontend(c)) else { continue };
             for c in it {
@@ -168,6 +170,7 @@ impl Index {
             self.services.clear();
             self.claims.clear();
             self.with_skips.clear();
+            self.contested.clear();
             self.node = Some(node.clone());
             if let Some(a) = node.snat_address() {
                 delta.vips.insert(IpAddr::V4(a));
@@ -224,6 +227,9 @@ impl Index {
                     if let Ok(i) = set.binary_search(&c) {
                         set.remove(i);
                     }
+                    if set.len() < 2 {
+                        self.contested.remove(&fe.addr);
+                    }
                     if set.is_empty() {
                         self.claims.remove(&fe.addr);
                     }
@@ -241,6 +247,9 @@ impl Index {
             let set = self.claims.entry(fe.addr).or_default();
             if let Err(i) = set.binary_search(&c) {
                 set.insert(i, c);
+            }
+            if set.len() > 1 {
+                self.contested.insert(fe.addr);
             }
             delta.frontends.insert(fe.addr);
         }

@@ -495,7 +495,7 @@ fn report(opts: &Opts, counts: &[usize], samples: &[Sample], memory: &load::Memo
         let _ = writeln!(md, "| {n} | {:.1} | {:.1} |", med(samples, "ebpf", n, |s| s.prog_hit_ns), med(samples, "ebpf", n, |s| s.prog_miss_ns));
     }
     let _ = writeln!(md, "\n## Control plane (ms)\n");
-    let _ = writeln!(md, "| Services | ebpf: program all (translate + sync) | iptables-restore all | nft -f all | ebpf: one endpoint change (translate + sync) | ebpf: change, sync engine only | iptables-restore --noflush change | nft change |");
+    let _ = writeln!(md, "| Services | ebpf: program all (translate + sync) | iptables-restore all | nft -f all | ebpf: one endpoint change (incremental path) | ebpf: change, sync engine only | iptables-restore --noflush change | nft change |");
     let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in counts {
         let _ = writeln!(
