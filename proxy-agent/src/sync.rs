@@ -145,6 +145,8 @@ pub struct SyncEngine<M: MapOps> {
     /// ClientIP affinity group per Service port (owner), shared by its
     /// frontends.
     groups: HashMap<String, u32>,
+    /// Entries of the services map the mirror holds (frontends plus slots).
+    entries: usize,
 }
 
 /// The backend ids a programmed frontend refers to (slots and members).
@@ -272,6 +274,7 @@ impl<M: MapOps> SyncEngine<M> {
             refs: HashMap::new(),
             unreferenced: BTreeSet::new(),
             groups: HashMap::new(),
+            entries: 0,
         };
         engine.install(st)?;
         Ok(engine)
@@ -308,6 +311,7 @@ impl<M: MapOps> SyncEngine<M> {
             }
         }
         self.unreferenced = self.backends.keys().filter(|id| !self.refs.contains_key(id)).copied().collect();
+        self.entries = self.frontends.values().map(|p| 1 + p.slots.len()).sum();
         // Slots with no frontend or a gap before them, and members of no
         // frontend, are leftovers of an interrupted write; nothing reaches them.
         for k in st.orphans {
@@ -338,7 +342,7 @@ impl<M: MapOps> SyncEngine<M> {
     /// Entries the services map holds (frontends plus their slots).
     #[must_use]
     pub fn service_entries(&self) -> usize {
-        self.frontends.values().map(|p| 1 + p.slots.len()).sum()
+        self.entries
     }
 
     /// Number of programmed frontends and backends.
@@ -712,7 +716,14 @@ impl<M: MapOps> SyncEngine<M> {
     /// counts from what it referred to before to what it refers to now.
     fn set_prog(&mut self, key: ServiceKey, prog: Programmed) {
         let now = referenced(&prog);
-        let before = self.frontends.insert(key, prog).map(|p| referenced(&p)).unwrap_or_default();
+        self.entries += 1 + prog.slots.len();
+        let before = match self.frontends.insert(key, prog) {
+            Some(p) => {
+                self.entries -= 1 + p.slots.len();
+                referenced(&p)
+            }
+            None => BTreeSet::new(),
+        };
         for id in now.difference(&before) {
             *self.refs.entry(*id).or_default() += 1;
         }
@@ -760,6 +771,7 @@ impl<M: MapOps> SyncEngine<M> {
             return Err(e);
         }
         report.deletes += 1;
+        self.entries -= 1 + prog.slots.len();
         for id in referenced(&prog) {
             self.unref(id);
         }

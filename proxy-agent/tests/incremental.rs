@@ -244,6 +244,7 @@ impl World {
         skipped.sort();
         want.sort();
         assert_eq!(skipped, want, "skips and conflicts = a full recompute");
+        assert_eq!(self.engine.service_entries(), self.engine.maps().services.len(), "entry count kept exactly");
         let mut fresh = SyncEngine::adopt(MemMaps::default()).unwrap();
         assert!(fresh.sync(&full).failed.is_empty());
         let (got, want) = (canon(self.engine.maps()), canon(fresh.maps()));
