@@ -60,7 +60,10 @@ pub struct Agent {
     reload_due: bool,
     last_skipped: BTreeSet<Skip>,
     last_failed: BTreeSet<(String, String)>,
-    cache: translate::TranslationCache,
+    /// The desired state by Service, updated incrementally.
+    index: crate::incremental::Index,
+    /// Frontends changed since the names file was last written.
+    names_due: bool,
     /// This network namespace's IPv4 addresses (for `--nodeport-addresses`),
     /// refreshed with the interfaces.
     local_addrs: Vec<std::net::Ipv4Addr>,
@@ -68,46 +71,21 @@ pub struct Agent {
     snat: Option<Option<std::net::Ipv4Addr>>,
     /// healthCheckNodePort listeners.
     health: crate::healthcheck::HealthServer,
-    /// resourceVersions of the objects last applied (kube-proxy's change counters).
-    versions: ObjectVersions,
+    /// What was last seen of each Service and its slices (kube-proxy's
+    /// change counters, network programming latency).
+    versions: std::collections::HashMap<ServiceId, SeenVersions>,
+    /// Health check port of each Service that has one.
+    health_checks: BTreeMap<ServiceId, (u16, crate::healthcheck::HealthCheck)>,
 }
 
-/// What the last sync saw of each object, to count changes as kube-proxy
-/// does and to time network programming from EndpointSlice trigger times.
+type ServiceId = crate::incremental::ServiceId;
+
+/// A Service's resourceVersion (`None`: no Service object, only slices) and
+/// its slices' (resourceVersion, trigger time) by name.
 #[derive(Default)]
-struct ObjectVersions {
-    services: std::collections::HashMap<(String, String), Option<String>>,
-    slices: std::collections::HashMap<(String, String), Option<String>>,
-    /// `endpoints.kubernetes.io/last-change-trigger-time` already observed, per slice.
-    triggers: std::collections::HashMap<(String, String), String>,
-}
-
-/// The EndpointSlice annotation kube-proxy times network programming from.
-pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
-
-fn object_key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-    (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
-}
-
-/// Objects added, changed or deleted since `old` (by resourceVersion;
-/// objects without one, as in files, count when their content is new).
-fn count_changes<'a>(
-    old: &mut std::collections::HashMap<(String, String), Option<String>>,
-    objs: impl Iterator<Item = &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
-) -> u64 {
-    let mut new = std::collections::HashMap::with_capacity(old.len());
-    let mut changed = 0;
-    for m in objs {
-        let k = object_key(m);
-        let rv = m.resource_version.clone();
-        if old.remove(&k).is_none_or(|o| o != rv || rv.is_none()) {
-            changed += 1;
-        }
-        new.insert(k, rv);
-    }
-    changed += old.len() as u64; // deleted
-    *old = new;
-    changed
+struct SeenVersions {
+    service: Option<Option<String>>,
+    slices: BTreeMap<String, (Option<String>, Option<String>)>,
 }
 
 /// Whether `ip` lies in `net/len`.
@@ -234,11 +212,13 @@ impl Agent {
             reload_due: false,
             last_skipped: BTreeSet::new(),
             last_failed: BTreeSet::new(),
-            cache: translate::TranslationCache::default(),
+            index: crate::incremental::Index::default(),
+            names_due: false,
             local_addrs: local_ipv4_addrs(),
             snat: None,
             health: crate::healthcheck::HealthServer::new(),
-            versions: ObjectVersions::default(),
+            versions: std::collections::HashMap::new(),
+            health_checks: BTreeMap::new(),
         })
     }
 
@@ -374,14 +354,9 @@ impl Agent {
         !self.last_failed.is_empty()
     }
 
-    /// Programs the maps from the full set of objects.
-    pub fn apply(&mut self, services: &[Service], slices: &[EndpointSlice], nodes: &[Node], seen_at: Instant) -> SyncReport {
-        let start = Instant::now();
-        if std::mem::take(&mut self.reload_due)
-            && let Err(e) = self.engine.reload()
-        {
-            tracing::warn!(error = %e, "re-reading the maps for a full resync; syncing from the mirror");
-        }
+    /// This node's translation inputs now (and the SNAT address written to
+    /// the datapath when it changed).
+    fn current_node(&mut self, nodes: &[Node]) -> NodeInfo {
         let mut node = node_info(&self.cfg, nodes);
         if !self.cfg.nodeport_cidrs.is_empty() {
             // kube-proxy's --nodeport-addresses: the local addresses in
@@ -401,55 +376,188 @@ impl Agent {
                 Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot write the node config (SNAT address)"),
             }
         }
-        let desired = translate::translate_all_cached(services, slices, &node, &mut self.cache);
-        let checks = crate::healthcheck::health_checks(services, slices, &node.name);
-        let eligible = crate::healthcheck::node_eligible(nodes, &node.name);
-        if self.metrics.node_ineligible.swap(!eligible, Ordering::Relaxed) == eligible {
-            tracing::info!(node = %node.name, eligible, "node eligibility for load-balancer traffic changed (/healthz, health check ports)");
+        node
+    }
+
+    /// Programs the maps from the full set of objects: every Service is
+    /// brought up to date (unchanged ones by resourceVersion) and every
+    /// frontend diffed against the mirror. The safety net of the
+    /// incremental path ([`Agent::apply_changes`]).
+    pub fn apply<'a>(
+        &mut self,
+        services: impl IntoIterator<Item = &'a Service>,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        nodes: &[Node],
+        seen_at: Instant,
+    ) -> SyncReport {
+        let start = Instant::now();
+        if std::mem::take(&mut self.reload_due)
+            && let Err(e) = self.engine.reload()
+        {
+            tracing::warn!(error = %e, "re-reading the maps for a full resync; syncing from the mirror");
         }
-        self.health.sync(&checks, eligible);
+        let node = self.current_node(nodes);
+        let services: Vec<&Service> = services.into_iter().collect();
+        let slices: Vec<&EndpointSlice> = slices.into_iter().collect();
+        self.index.sync_all(services.iter().copied(), slices.iter().copied(), &node);
+        self.observe_all(&services, &slices, nodes, &node.name);
         // UDP flows of a backend that left a frontend move at their next
         // packet (the datapath checks membership); the collector removes
         // their entries in the background.
-        let report = self.engine.sync(&desired);
-        // Names for `proxy-agent inspect` and `explain`, beside the maps.
-        crate::inspect::record_names(&self.cfg.datapath.pin_dir(), &desired);
-        let now = Instant::now();
-        self.metrics.observe_sync(now - start);
-        self.kube_proxy_metrics(services, slices, &desired);
-        if report.writes + report.deletes > 0 {
-            self.metrics.observe_change_to_write(now - seen_at);
+        let report = self.engine.sync(self.index.desired());
+        self.names_due = true;
+        self.finish(start, seen_at, &report, true);
+        self.flush_names();
+        // A full sync's temporaries (translations, tables, the objects the
+        // caller copied) go back to the system, not into the heap's slack.
+        // SAFETY: malloc_trim has no preconditions.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
         }
-        self.report(&desired.skipped, &report);
         report
     }
 
-    /// kube-proxy's change counters, network programming latency and
-    /// Local-policy gauges, after a sync.
-    fn kube_proxy_metrics(&mut self, services: &[Service], slices: &[EndpointSlice], desired: &translate::Desired) {
-        let v = &mut self.versions;
-        let svc_changes = count_changes(&mut v.services, services.iter().map(|s| &s.metadata));
-        let ep_changes = count_changes(&mut v.slices, slices.iter().map(|s| &s.metadata));
-        self.metrics.service_changes.fetch_add(svc_changes, Ordering::Relaxed);
-        self.metrics.endpoint_changes.fetch_add(ep_changes, Ordering::Relaxed);
+    /// The incremental path: re-translates only the named Services (with
+    /// their Service object, `None` when deleted, and their EndpointSlices)
+    /// and writes only the frontends whose desired state changed. Returns
+    /// `None` when this node's translation inputs changed (every Service
+    /// depends on them): the caller then runs [`Agent::apply`].
+    pub fn apply_changes<'a>(
+        &mut self,
+        changed: impl IntoIterator<Item = (crate::incremental::ServiceId, Option<&'a Service>, Vec<&'a EndpointSlice>)>,
+        nodes: &[Node],
+        seen_at: Instant,
+    ) -> Option<SyncReport> {
+        let start = Instant::now();
+        let node = self.current_node(nodes);
+        if self.reload_due || !self.index.is_for(&node) {
+            return None;
+        }
+        let changed: Vec<_> = changed.into_iter().collect();
+        let delta = self.index.update(changed.iter().map(|(id, svc, sl)| (id.clone(), *svc, sl.clone())));
+        for (id, svc, sl) in &changed {
+            self.observe_service(id, *svc, sl, &node.name);
+        }
+        self.after_observe(nodes, &node.name);
+        let desired = self.index.desired();
+        let fes = crate::incremental::frontend_changes(desired, &delta);
+        let vips = crate::incremental::vip_changes(desired, &delta);
+        let report = self.engine.sync_changes(&fes, &vips);
+        self.names_due |= !delta.is_empty();
+        self.finish(start, seen_at, &report, !delta.is_empty());
+        Some(report)
+    }
+
+    fn finish(&mut self, start: Instant, seen_at: Instant, report: &SyncReport, changed: bool) {
+        let now = Instant::now();
+        self.metrics.observe_sync(now - start);
+        self.no_local_metrics();
+        if report.writes + report.deletes > 0 {
+            self.metrics.observe_change_to_write(now - seen_at);
+        }
+        if changed {
+            let skipped = self.index.skipped();
+            self.report(&skipped, report);
+        } else {
+            self.report_counts(report);
+        }
+    }
+
+    /// Writes the frontend names for `proxy-agent inspect` and `explain`
+    /// beside the maps, when frontends changed since the last write. Kept
+    /// out of the sync itself (it writes every frontend's name).
+    pub fn flush_names(&mut self) {
+        if std::mem::take(&mut self.names_due) {
+            crate::inspect::record_names(&self.cfg.datapath.pin_dir(), self.index.desired());
+        }
+    }
+
+    /// Every Service and its slices, after a full sync: health check ports
+    /// and kube-proxy's change counters (Services gone since count too).
+    fn observe_all(&mut self, services: &[&Service], slices: &[&EndpointSlice], nodes: &[Node], node_name: &str) {
+        let mut groups: BTreeMap<ServiceId, (Option<&Service>, Vec<&EndpointSlice>)> = BTreeMap::new();
+        for svc in services {
+            groups.entry(crate::incremental::service_id(svc)).or_default().0 = Some(*svc);
+        }
+        for sl in slices {
+            if let Some(id) = crate::incremental::slice_owner(sl) {
+                groups.entry(id).or_default().1.push(*sl);
+            }
+        }
+        let gone: Vec<ServiceId> = self.versions.keys().filter(|id| !groups.contains_key(*id)).cloned().collect();
+        for id in gone {
+            self.observe_service(&id, None, &[], node_name);
+        }
+        for (id, (svc, sl)) in &groups {
+            self.observe_service(id, *svc, sl, node_name);
+        }
+        self.after_observe(nodes, node_name);
+    }
+
+    /// One Service (`None`: deleted) and its slices as they are now:
+    /// kube-proxy's change counters and network programming latency (from
+    /// the slices' trigger times), and its health check port.
+    fn observe_service(&mut self, id: &ServiceId, svc: Option<&Service>, slices: &[&EndpointSlice], node_name: &str) {
+        let old = self.versions.remove(id).unwrap_or_default();
+        let mut now_seen = SeenVersions { service: svc.map(|s| s.metadata.resource_version.clone()), slices: BTreeMap::new() };
+        if old.service != now_seen.service || now_seen.service.as_ref().is_some_and(Option::is_none) {
+            self.metrics.service_changes.fetch_add(1, Ordering::Relaxed);
+        }
         let now = k8s_openapi::jiff::Timestamp::now();
-        let mut triggers = std::collections::HashMap::with_capacity(v.triggers.len());
-        for s in slices {
-            let Some(t) = s.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME_ANNOTATION)) else { continue };
-            let k = object_key(&s.metadata);
-            if v.triggers.get(&k) != Some(t)
+        for sl in slices {
+            let name = sl.metadata.name.clone().unwrap_or_default();
+            let rv = sl.metadata.resource_version.clone();
+            let trigger = sl.metadata.annotations.as_ref().and_then(|a| a.get(crate::store::TRIGGER_TIME_ANNOTATION)).cloned();
+            match old.slices.get(&name) {
+                Some((orv, _)) if *orv == rv && rv.is_some() => {}
+                _ => {
+                    self.metrics.endpoint_changes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if let Some(t) = &trigger
+                && old.slices.get(&name).and_then(|(_, ot)| ot.as_ref()) != Some(t)
                 && let Ok(at) = t.parse::<k8s_openapi::jiff::Timestamp>()
                 && let Ok(d) = std::time::Duration::try_from(now.duration_since(at))
             {
                 self.metrics.observe_network_programming(d);
             }
-            triggers.insert(k, t.clone());
+            now_seen.slices.insert(name, (rv, trigger));
         }
-        v.triggers = triggers;
-        // Services (not ports) with a Local policy and no local endpoint.
+        let removed = old.slices.keys().filter(|n| !now_seen.slices.contains_key(*n)).count() as u64;
+        self.metrics.endpoint_changes.fetch_add(removed, Ordering::Relaxed);
+        match svc.and_then(|s| crate::healthcheck::health_check_of(s, slices, node_name)) {
+            Some(hc) => {
+                self.health_checks.insert(id.clone(), hc);
+            }
+            None => {
+                self.health_checks.remove(id);
+            }
+        }
+        if svc.is_some() || !slices.is_empty() {
+            self.versions.insert(id.clone(), now_seen);
+        }
+    }
+
+    /// Health check listeners and node eligibility after observing changes.
+    fn after_observe(&mut self, nodes: &[Node], node_name: &str) {
+        let eligible = crate::healthcheck::node_eligible(nodes, node_name);
+        if self.metrics.node_ineligible.swap(!eligible, Ordering::Relaxed) == eligible {
+            tracing::info!(node = %node_name, eligible, "node eligibility for load-balancer traffic changed (/healthz, health check ports)");
+        }
+        // A port two Services claim goes to the first by namespace/name.
+        let mut ports: BTreeMap<u16, crate::healthcheck::HealthCheck> = BTreeMap::new();
+        for (port, hc) in self.health_checks.values() {
+            ports.entry(*port).or_insert_with(|| hc.clone());
+        }
+        self.health.sync(&ports, eligible);
+    }
+
+    /// Services (not ports) with a Local policy and no local endpoint.
+    fn no_local_metrics(&self) {
         let mut internal = BTreeSet::new();
         let mut external = BTreeSet::new();
-        for fe in desired.frontends.values().filter(|f| f.drop_when_empty) {
+        for fe in self.index.desired().frontends.values().filter(|f| f.drop_when_empty) {
             let svc = fe.owner.rsplit_once(':').map_or(fe.owner.as_str(), |(s, _)| s);
             if fe.kind == translate::FrontendKind::ClusterIp {
                 internal.insert(svc);
@@ -475,6 +583,10 @@ impl Agent {
         }
         self.metrics.set_skipped(by_reason);
         self.last_skipped = now;
+        self.report_counts(report);
+    }
+
+    fn report_counts(&mut self, report: &SyncReport) {
         // Warn once per (object, error), not on every sync.
         let failed: BTreeSet<(String, String)> = report.failed.iter().cloned().collect();
         for (owner, err) in failed.difference(&self.last_failed) {

@@ -65,31 +65,40 @@ pub fn health_checks(services: &[Service], slices: &[EndpointSlice], node_name: 
             .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()))
     });
     for svc in sorted {
-        let Some(spec) = svc.spec.as_ref() else { continue };
-        if spec.type_.as_deref() != Some("LoadBalancer") || spec.external_traffic_policy.as_deref() != Some("Local") {
-            continue;
+        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
+        let mine: Vec<&EndpointSlice> = slices.iter().filter(|s| slice_belongs_to(s, ns, name)).collect();
+        if let Some((port, hc)) = health_check_of(svc, &mine, node_name) {
+            out.entry(port).or_insert(hc);
         }
-        let Some(port) = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
-            continue;
-        };
-        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
-        let mut local: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
-        for slice in slices.iter().filter(|s| slice_belongs_to(s, &ns, &name)) {
-            for ep in &slice.endpoints {
-                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                if ep.node_name.as_deref() == Some(node_name)
-                    && (ready || publish_not_ready)
-                    && let Some(a) = ep.addresses.first()
-                {
-                    local.insert(a.as_str());
-                }
-            }
-        }
-        out.entry(port).or_insert(HealthCheck { namespace: ns, name, local_endpoints: local.len() as u64 });
     }
     out
+}
+
+/// The health check port of one Service (given its own slices), if it has one.
+#[must_use]
+pub fn health_check_of(svc: &Service, slices: &[&EndpointSlice], node_name: &str) -> Option<(u16, HealthCheck)> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() != Some("LoadBalancer") || spec.external_traffic_policy.as_deref() != Some("Local") {
+        return None;
+    }
+    let port = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)?;
+    let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
+    let mut local: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+    for slice in slices {
+        for ep in &slice.endpoints {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if ep.node_name.as_deref() == Some(node_name)
+                && (ready || publish_not_ready)
+                && let Some(a) = ep.addresses.first()
+            {
+                local.insert(a.as_str());
+            }
+        }
+    }
+    Some((port, HealthCheck { namespace: ns, name, local_endpoints: local.len() as u64 }))
 }
 
 /// kube-proxy's answer: status and JSON body.

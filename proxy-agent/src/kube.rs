@@ -1,7 +1,12 @@
-//! Kubernetes mode: reflectors on Services, EndpointSlices and this node's
-//! Node; every change (coalesced) recomputes the desired state from the
-//! stores and syncs the maps. Level-triggered: a lost event is repaired by
-//! the next one or by the watcher's re-list, never by trusting deletes.
+//! Kubernetes mode: watchers on Services, EndpointSlices and this node's
+//! Node, their objects stripped to what translation reads. Every event
+//! names the Services it touches (an EndpointSlice's is its service-name
+//! label); a coalesced batch re-translates only those and writes only what
+//! changed (the incremental path). A re-list, a Node change, a retry after a
+//! failure and the periodic resync run the full path: every Service from the
+//! stores, every frontend diffed against the maps. Level-triggered: a lost
+//! event is repaired by the watcher's re-list or the periodic full sync,
+//! never by trusting deletes.
 use std::{
     path::Path,
     sync::{Arc, atomic::Ordering},
@@ -21,7 +26,22 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use crate::{agent::Agent, metrics::Metrics};
+use crate::{
+    agent::Agent,
+    incremental::{ServiceId, service_id},
+    metrics::Metrics,
+    store::{SliceIndex, strip_node, strip_service, strip_slice},
+};
+
+/// What a watch event asks of the sync loop.
+enum Msg {
+    /// One Service (and its slices) to re-translate.
+    Service(ServiceId),
+    /// An EndpointSlice event, applied to the slice index by the loop.
+    Slice(Box<watcher::Event<EndpointSlice>>),
+    /// Everything (a re-list, the Node changed).
+    All,
+}
 
 /// Objects labelled for another proxy implementation, and headless
 /// Services' slices, are not ours (the selectors kube-proxy uses).
@@ -49,9 +69,16 @@ pub const WATCHED: [(&str, &str); 3] = [("", "services"), ("discovery.k8s.io", "
 /// The verbs the watchers use on each of [`WATCHED`].
 pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
 
-/// Drives a reflector stream, signalling every change and counting errors.
-/// The stream retries with backoff (including 410 Gone re-lists) forever.
-fn drive<S, K>(stream: S, kind: &'static str, tx: mpsc::Sender<Instant>, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()>
+/// Drives a watch stream, passing every event (as `to_msg` names it) to
+/// the sync loop and counting errors. The stream retries with backoff
+/// (including 410 Gone re-lists) forever.
+fn drive<S, K>(
+    stream: S,
+    kind: &'static str,
+    to_msg: fn(watcher::Event<K>) -> Option<Msg>,
+    tx: mpsc::UnboundedSender<(Instant, Msg)>,
+    metrics: Arc<Metrics>,
+) -> tokio::task::JoinHandle<()>
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     K: Send + 'static,
@@ -60,9 +87,11 @@ where
         let mut stream = std::pin::pin!(stream);
         while let Some(item) = stream.next().await {
             match item {
-                Ok(_) => {
-                    metrics.queued(crate::metrics::unix_ms());
-                    let _ = tx.try_send(Instant::now());
+                Ok(ev) => {
+                    if let Some(m) = to_msg(ev) {
+                        metrics.queued(crate::metrics::unix_ms());
+                        let _ = tx.send((Instant::now(), m));
+                    }
                 }
                 Err(e) => {
                     metrics.api_errors.fetch_add(1, Ordering::Relaxed);
@@ -84,29 +113,65 @@ pub async fn run(
     let client = client(kubeconfig).await?;
     let node_name = agent.node_name().to_owned();
     let (svc_store, svc_writer) = reflector::store::<Service>();
-    let (slice_store, slice_writer) = reflector::store::<EndpointSlice>();
     let (node_store, node_writer) = reflector::store::<Node>();
-    let (tx, mut rx) = mpsc::channel::<Instant>(1024);
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Msg)>();
 
+    // Stores keep only what translation reads (no managedFields, most
+    // labels and annotations, owners, selectors, Node images...).
     let svc_stream = reflector(
         svc_writer,
-        watcher(Api::<Service>::all(client.clone()), watcher::Config::default().labels(SERVICE_SELECTOR)).default_backoff(),
+        watcher(Api::<Service>::all(client.clone()), watcher::Config::default().labels(SERVICE_SELECTOR))
+            .default_backoff()
+            .modify(strip_service),
     );
-    let slice_stream = reflector(
-        slice_writer,
+    let slice_stream =
         watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default().labels(SLICE_SELECTOR))
-            .default_backoff(),
-    );
+            .default_backoff()
+            .modify(strip_slice);
     let node_stream = reflector(
         node_writer,
         watcher(Api::<Node>::all(client), watcher::Config::default().fields(&format!("metadata.name={node_name}")))
-            .default_backoff(),
+            .default_backoff()
+            .modify(strip_node),
     );
     let tasks = [
-        drive(svc_stream, "Service", tx.clone(), metrics.clone()),
-        drive(slice_stream, "EndpointSlice", tx.clone(), metrics.clone()),
-        drive(node_stream, "Node", tx, metrics.clone()),
+        drive(
+            svc_stream,
+            "Service",
+            |ev| match ev {
+                watcher::Event::Apply(s) | watcher::Event::Delete(s) => Some(Msg::Service(service_id(&s))),
+                watcher::Event::InitDone => Some(Msg::All),
+                watcher::Event::Init | watcher::Event::InitApply(_) => None,
+            },
+            tx.clone(),
+            metrics.clone(),
+        ),
+        drive(slice_stream, "EndpointSlice", |ev| Some(Msg::Slice(Box::new(ev))), tx.clone(), metrics.clone()),
+        drive(
+            node_stream,
+            "Node",
+            |ev| match ev {
+                watcher::Event::Init | watcher::Event::InitApply(_) => None,
+                _ => Some(Msg::All),
+            },
+            tx,
+            metrics.clone(),
+        ),
     ];
+    // The slices, indexed by Service; fed by the loop from the events.
+    let mut slices = SliceIndex::default();
+    let mut dirty: std::collections::HashSet<ServiceId> = std::collections::HashSet::new();
+    let mut full_due = true;
+    let handle = |slices: &mut SliceIndex, dirty: &mut std::collections::HashSet<ServiceId>, full_due: &mut bool, m: Msg| match m {
+        Msg::Service(id) => {
+            dirty.insert(id);
+        }
+        Msg::All => *full_due = true,
+        Msg::Slice(ev) => match slices.on_event(*ev) {
+            Some(ids) => dirty.extend(ids),
+            None => *full_due = true,
+        },
+    };
 
     tracing::info!(node = %node_name, "waiting for the initial list of Services, EndpointSlices and the Node");
     let shutdown = crate::shutdown_signal();
@@ -115,8 +180,12 @@ pub async fn run(
         _ = &mut shutdown => { for t in &tasks { t.abort(); } return Ok(()); }
         r = async {
             svc_store.wait_until_ready().await?;
-            slice_store.wait_until_ready().await?;
-            node_store.wait_until_ready().await
+            node_store.wait_until_ready().await?;
+            while !slices.is_ready() {
+                let Some((_, m)) = rx.recv().await else { anyhow::bail!("EndpointSlice watch ended") };
+                handle(&mut slices, &mut dirty, &mut full_due, m);
+            }
+            anyhow::Ok(())
         } => { r.context("watch ended before the first list")?; }
     }
     let mut rescan = tokio::time::interval(Duration::from_millis(500));
@@ -132,13 +201,29 @@ pub async fn run(
             // Coalesce a burst: take everything already queued.
             tokio::time::sleep(coalesce).await;
             let mut oldest = seen;
-            while let Ok(t) = rx.try_recv() {
+            while let Ok((t, m)) = rx.try_recv() {
                 oldest = oldest.min(t);
+                handle(&mut slices, &mut dirty, &mut full_due, m);
             }
-            let services: Vec<Service> = svc_store.state().iter().map(|s| (**s).clone()).collect();
-            let slices: Vec<EndpointSlice> = slice_store.state().iter().map(|s| (**s).clone()).collect();
             let nodes: Vec<Node> = node_store.state().iter().map(|s| (**s).clone()).collect();
-            agent.apply(&services, &slices, &nodes, oldest);
+            if !full_due && !dirty.is_empty() {
+                // The incremental path: only the Services events named.
+                let svcs: Vec<(ServiceId, Option<Arc<Service>>)> = dirty
+                    .drain()
+                    .map(|id| {
+                        let svc = svc_store.get(&reflector::ObjectRef::new(&id.1).within(&id.0));
+                        (id, svc)
+                    })
+                    .collect();
+                let changed = svcs.iter().map(|(id, svc)| (id.clone(), svc.as_deref(), slices.slices_of(id)));
+                full_due = agent.apply_changes(changed, &nodes, oldest).is_none();
+            }
+            if full_due {
+                let services = svc_store.state();
+                agent.apply(services.iter().map(|s| &**s), slices.all(), &nodes, oldest);
+                full_due = false;
+                dirty.clear();
+            }
             if agent.has_failures() {
                 retry_at = Some(tokio::time::Instant::now() + backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -150,14 +235,17 @@ pub async fn run(
                 // Ready means programmed and attached (interfaces were
                 // attached before the first sync).
                 metrics.ready.store(true, Ordering::Relaxed);
-                tracing::info!(services = services.len(), slices = slices.len(), "first full sync programmed; ready");
+                tracing::info!(services = svc_store.state().len(), slices = slices.len(), "first full sync programmed; ready");
                 first = false;
             }
         }
         tokio::select! {
             _ = &mut shutdown => break,
             t = rx.recv() => match t {
-                Some(t) => pending = Some(t),
+                Some((t, m)) => {
+                    handle(&mut slices, &mut dirty, &mut full_due, m);
+                    pending = Some(t);
+                }
                 None => break,
             },
             ev = links.recv() => {
@@ -165,9 +253,13 @@ pub async fn run(
                     agent.on_link_event(ev);
                 }
             }
-            _ = rescan.tick() => agent.retry_attach(),
+            _ = rescan.tick() => {
+                agent.retry_attach();
+                agent.flush_names();
+            }
             _ = full.tick() => {
                 agent.request_resync();
+                full_due = true;
                 pending = Some(Instant::now());
             }
             () = async {
@@ -175,7 +267,11 @@ pub async fn run(
                     Some(t) => tokio::time::sleep_until(t).await,
                     None => std::future::pending().await,
                 }
-            } => pending = Some(Instant::now()),
+            } => {
+                // Failed frontends are retried by a full diff.
+                full_due = true;
+                pending = Some(Instant::now());
+            }
         }
     }
     for t in &tasks {

@@ -389,8 +389,7 @@ async fn run_standalone(
             metrics.queued(proxy_agent::metrics::unix_ms());
         }
         if changed || first || resync || agent.has_failures() {
-            let objs = manifests.objects();
-            agent.apply(&objs.services, &objs.slices, &objs.nodes, seen);
+            agent.apply(manifests.services(), manifests.slices(), &manifests.nodes(), seen);
             if first {
                 metrics.ready.store(true, Ordering::Relaxed);
                 tracing::info!("first sync programmed; ready");

@@ -197,6 +197,22 @@ impl ManifestDir {
         Ok((changed, errors))
     }
 
+    /// Every Service currently known (borrowed: a sync needs no copy).
+    pub fn services(&self) -> impl Iterator<Item = &k8s_openapi::api::core::v1::Service> {
+        self.files.values().flat_map(|(_, o)| o.services.iter())
+    }
+
+    /// Every EndpointSlice currently known.
+    pub fn slices(&self) -> impl Iterator<Item = &k8s_openapi::api::discovery::v1::EndpointSlice> {
+        self.files.values().flat_map(|(_, o)| o.slices.iter())
+    }
+
+    /// Every Node currently known.
+    #[must_use]
+    pub fn nodes(&self) -> Vec<k8s_openapi::api::core::v1::Node> {
+        self.files.values().flat_map(|(_, o)| o.nodes.iter().cloned()).collect()
+    }
+
     /// All objects currently known.
     #[must_use]
     pub fn objects(&self) -> Objects {

@@ -25,6 +25,8 @@ use proxy_common::{
     src_range_prefix_v4, v4_mapped,
 };
 
+use std::net::IpAddr;
+
 use crate::translate::{BackendAddr, Desired, Frontend, FrontendAddr};
 
 /// A source range as the LPM map holds it: (IPv4-mapped prefix, prefix
@@ -43,6 +45,8 @@ pub enum MapError {
     Full { map: &'static str },
     #[error("map {map}: {source}")]
     Io { map: &'static str, source: std::io::Error },
+    #[error("{count} backends exceed the limit of {limit} per frontend")]
+    TooManyBackends { count: usize, limit: usize },
 }
 
 /// The map operations the engine needs; implemented over aya maps and, for
@@ -132,6 +136,22 @@ pub struct SyncEngine<M: MapOps> {
     backend_alloc: IdAlloc,
     svc_alloc: IdAlloc,
     maglev: bool,
+    /// Backend id -> number of programmed frontends whose slots or members
+    /// name it; a backend lives while its count is above zero.
+    refs: HashMap<u32, u32>,
+    /// Backends whose count fell to zero (or that were never referenced):
+    /// deleted at the end of the sync unless referenced again.
+    unreferenced: BTreeSet<u32>,
+    /// ClientIP affinity group per Service port (owner), shared by its
+    /// frontends.
+    groups: HashMap<String, u32>,
+    /// Entries of the services map the mirror holds (frontends plus slots).
+    entries: usize,
+}
+
+/// The backend ids a programmed frontend refers to (slots and members).
+fn referenced(p: &Programmed) -> BTreeSet<u32> {
+    p.slots.iter().chain(p.members.iter()).copied().collect()
 }
 
 /// The map key of a frontend (slot 0).
@@ -251,6 +271,10 @@ impl<M: MapOps> SyncEngine<M> {
             backend_alloc,
             svc_alloc,
             maglev: true,
+            refs: HashMap::new(),
+            unreferenced: BTreeSet::new(),
+            groups: HashMap::new(),
+            entries: 0,
         };
         engine.install(st)?;
         Ok(engine)
@@ -280,6 +304,14 @@ impl<M: MapOps> SyncEngine<M> {
         self.backend_ids = st.backends.iter().map(|(id, b)| (*b, *id)).collect();
         self.backends = st.backends;
         self.vips = st.vips;
+        self.refs.clear();
+        for p in self.frontends.values() {
+            for id in referenced(p) {
+                *self.refs.entry(id).or_default() += 1;
+            }
+        }
+        self.unreferenced = self.backends.keys().filter(|id| !self.refs.contains_key(id)).copied().collect();
+        self.entries = self.frontends.values().map(|p| 1 + p.slots.len()).sum();
         // Slots with no frontend or a gap before them, and members of no
         // frontend, are leftovers of an interrupted write; nothing reaches them.
         for k in st.orphans {
@@ -310,7 +342,7 @@ impl<M: MapOps> SyncEngine<M> {
     /// Entries the services map holds (frontends plus their slots).
     #[must_use]
     pub fn service_entries(&self) -> usize {
-        self.frontends.values().map(|p| 1 + p.slots.len()).sum()
+        self.entries
     }
 
     /// Number of programmed frontends and backends.
@@ -319,27 +351,18 @@ impl<M: MapOps> SyncEngine<M> {
         (self.frontends.len(), self.backends.len())
     }
 
-    /// Brings the maps to `desired`, writing only the difference.
+    /// Brings the maps to `desired`, writing only the difference (the full
+    /// diff: every frontend is compared with the mirror).
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
         let mut report = SyncReport::default();
         let wanted: BTreeMap<ServiceKey, &Frontend> =
             desired.frontends.values().map(|f| (frontend_key(&f.addr), f)).collect();
         let wanted_vips: BTreeMap<[u8; 16], VipValue> =
             desired.vips.iter().map(|(ip, flags)| (ip16(*ip), VipValue { flags: *flags, _pad: 0 })).collect();
-
         // Service addresses first: a frontend is only looked up once its
         // address is known to be a Service's.
         for (addr, v) in &wanted_vips {
-            if self.vips.get(addr) == Some(v) {
-                continue;
-            }
-            match self.maps.put_vip(*addr, *v) {
-                Ok(()) => {
-                    report.writes += 1;
-                    self.vips.insert(*addr, *v);
-                }
-                Err(e) => report.failed.push((format!("service address {addr:?}"), e.to_string())),
-            }
+            self.put_vip(*addr, *v, &mut report);
         }
         // Removals first: they free map space the additions may need.
         let stale: Vec<ServiceKey> =
@@ -356,48 +379,76 @@ impl<M: MapOps> SyncEngine<M> {
         self.delete_unused_backends(|b| wanted_backends.contains(b), &mut report);
         // ClientIP affinity is per Service port: one group id shared by the
         // port's frontends, kept from what is programmed when possible.
-        let mut groups: HashMap<&str, u32> = HashMap::new();
+        // A programmed group is kept only by the owner it was given to (a
+        // frontend address may have changed hands), and by one owner only.
+        let prev: HashMap<u32, String> = self.groups.drain().map(|(o, g)| (g, o)).collect();
+        let mut taken: std::collections::HashSet<u32> = std::collections::HashSet::new();
         for (key, fe) in &wanted {
             if fe.affinity_timeout_s.is_some()
+                && !self.groups.contains_key(&fe.owner)
                 && let Some(p) = self.frontends.get(key)
                 && p.value.backend_id != 0
+                && prev.get(&p.value.backend_id).is_none_or(|o| *o == fe.owner)
+                && taken.insert(p.value.backend_id)
             {
-                groups.entry(fe.owner.as_str()).or_insert(p.value.backend_id);
+                self.groups.insert(fe.owner.clone(), p.value.backend_id);
             }
         }
-        // Frontends: add or update.
-        for (key, fe) in &wanted {
-            let group = if fe.affinity_timeout_s.is_some() {
-                match groups.get(fe.owner.as_str()) {
-                    Some(g) => *g,
-                    None => match self.svc_alloc.take(&mut self.maps) {
-                        Ok(g) => *groups.entry(fe.owner.as_str()).or_insert(g),
-                        Err(e) => {
-                            report.failed.push((fe.owner.clone(), e.to_string()));
-                            continue;
-                        }
-                    },
-                }
-            } else {
-                0
-            };
-            if let Err(e) = self.sync_frontend(*key, fe, group, &mut report) {
-                report.failed.push((fe.owner.clone(), e.to_string()));
-            }
+        // Frontends: add or update, a Service port's frontends together, so
+        // its Maglev table is computed once and only a few are held.
+        let mut order: Vec<(&ServiceKey, &&Frontend)> = wanted.iter().collect();
+        order.sort_by(|a, b| a.1.owner.cmp(&b.1.owner).then(a.0.cmp(b.0)));
+        for (key, fe) in order {
+            self.add_or_update(*key, fe, &mut report);
         }
         // Backends nothing refers to any more (after the updates).
         self.delete_unused_backends(|_| false, &mut report);
         // Addresses no frontend uses any more.
-        let in_use: BTreeSet<[u8; 16]> = self.frontends.keys().map(|k| k.addr).collect();
-        let gone: Vec<[u8; 16]> =
-            self.vips.keys().filter(|a| !wanted_vips.contains_key(*a) && !in_use.contains(*a)).copied().collect();
+        let gone: Vec<[u8; 16]> = self.vips.keys().filter(|a| !wanted_vips.contains_key(*a)).copied().collect();
         for addr in gone {
-            match self.maps.del_vip(addr) {
-                Ok(()) => {
-                    report.deletes += 1;
-                    self.vips.remove(&addr);
+            self.del_vip_if_unused(addr, &mut report);
+        }
+        self.tables.clear();
+        report.frontends = self.frontends.len();
+        report.backends = self.backends.len();
+        report
+    }
+
+    /// Applies the changes of some frontends and Service addresses (the
+    /// incremental path): `frontends` pairs an address with its desired
+    /// frontend, `None` to remove it; `vips` an address with its flags,
+    /// `None` to remove it. Nothing else is looked at: backends are freed by
+    /// reference count, not by a scan. Same write order as [`SyncEngine::sync`].
+    pub fn sync_changes(&mut self, frontends: &[(FrontendAddr, Option<&Frontend>)], vips: &[(IpAddr, Option<u32>)]) -> SyncReport {
+        let mut report = SyncReport::default();
+        for (ip, flags) in vips {
+            if let Some(f) = flags {
+                self.put_vip(ip16(*ip), VipValue { flags: *f, _pad: 0 }, &mut report);
+            }
+        }
+        for (addr, fe) in frontends {
+            if fe.is_none() {
+                let key = frontend_key(addr);
+                if let Err(e) = self.remove_frontend(key, &mut report) {
+                    report.failed.push((format!("{key:?}"), e.to_string()));
                 }
-                Err(e) => report.failed.push((format!("service address {addr:?}"), e.to_string())),
+            }
+        }
+        let wanted_backends: std::collections::HashSet<Backend> = frontends
+            .iter()
+            .filter_map(|(a, fe)| Some((a, (*fe)?)))
+            .flat_map(|(a, fe)| fe.backends.iter().map(|b| backend_value(b, a.proto.number())))
+            .collect();
+        self.delete_unused_backends(|b| wanted_backends.contains(b), &mut report);
+        for (addr, fe) in frontends {
+            if let Some(fe) = fe {
+                self.add_or_update(frontend_key(addr), fe, &mut report);
+            }
+        }
+        self.delete_unused_backends(|_| false, &mut report);
+        for (ip, flags) in vips {
+            if flags.is_none() {
+                self.del_vip_if_unused(ip16(*ip), &mut report);
             }
         }
         self.tables.clear();
@@ -406,13 +457,75 @@ impl<M: MapOps> SyncEngine<M> {
         report
     }
 
+    fn put_vip(&mut self, addr: [u8; 16], v: VipValue, report: &mut SyncReport) {
+        if self.vips.get(&addr) == Some(&v) {
+            return;
+        }
+        match self.maps.put_vip(addr, v) {
+            Ok(()) => {
+                report.writes += 1;
+                self.vips.insert(addr, v);
+            }
+            Err(e) => report.failed.push((format!("service address {addr:?}"), e.to_string())),
+        }
+    }
+
+    /// Deletes a Service address unless a programmed frontend still uses it.
+    fn del_vip_if_unused(&mut self, addr: [u8; 16], report: &mut SyncReport) {
+        if !self.vips.contains_key(&addr) {
+            return;
+        }
+        let lo = ServiceKey { addr, port: 0, proto: 0, scope: 0, slot: 0, _pad: 0 };
+        let hi = ServiceKey { addr, port: u16::MAX, proto: u8::MAX, scope: u8::MAX, slot: u16::MAX, _pad: u16::MAX };
+        if self.frontends.range(lo..=hi).next().is_some() {
+            return;
+        }
+        match self.maps.del_vip(addr) {
+            Ok(()) => {
+                report.deletes += 1;
+                self.vips.remove(&addr);
+            }
+            Err(e) => report.failed.push((format!("service address {addr:?}"), e.to_string())),
+        }
+    }
+
+    /// Programs one frontend, with its Service port's affinity group.
+    fn add_or_update(&mut self, key: ServiceKey, fe: &Frontend, report: &mut SyncReport) {
+        let group = if fe.affinity_timeout_s.is_some() {
+            match self.groups.get(fe.owner.as_str()).copied() {
+                Some(g) => g,
+                None => match self.svc_alloc.take(&mut self.maps) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        report.failed.push((fe.owner.clone(), e.to_string()));
+                        return;
+                    }
+                },
+            }
+        } else {
+            0
+        };
+        if group != 0 {
+            self.groups.insert(fe.owner.clone(), group);
+        }
+        if let Err(e) = self.sync_frontend(key, fe, group, report) {
+            report.failed.push((fe.owner.clone(), e.to_string()));
+        }
+    }
+
     /// Deletes backends no programmed slot refers to, except those `keep`
     /// says a frontend about to be written wants.
     fn delete_unused_backends(&mut self, keep: impl Fn(&Backend) -> bool, report: &mut SyncReport) {
-        let used: BTreeSet<u32> = self.frontends.values().flat_map(|p| p.slots.iter().copied()).collect();
-        let unused: Vec<u32> =
-            self.backends.iter().filter(|(id, b)| !used.contains(id) && !keep(b)).map(|(id, _)| *id).collect();
+        let unused: Vec<u32> = std::mem::take(&mut self.unreferenced)
+            .into_iter()
+            .filter(|id| !self.refs.contains_key(id))
+            .collect();
         for id in unused {
+            let Some(b) = self.backends.get(&id) else { continue };
+            if keep(b) {
+                self.unreferenced.insert(id);
+                continue;
+            }
             match self.maps.del_backend(id) {
                 Ok(()) => {
                     report.deletes += 1;
@@ -421,7 +534,10 @@ impl<M: MapOps> SyncEngine<M> {
                         report.removed_backends.push((id, b));
                     }
                 }
-                Err(e) => report.failed.push((format!("backend {id}"), e.to_string())),
+                Err(e) => {
+                    self.unreferenced.insert(id);
+                    report.failed.push((format!("backend {id}"), e.to_string()));
+                }
             }
         }
     }
@@ -431,6 +547,7 @@ impl<M: MapOps> SyncEngine<M> {
             return Ok(*id);
         }
         let id = self.backend_alloc.take(&mut self.maps)?;
+        self.unreferenced.insert(id);
         self.maps.put_backend(id, b)?;
         report.writes += 1;
         self.backends.insert(id, b);
@@ -440,7 +557,7 @@ impl<M: MapOps> SyncEngine<M> {
 
     fn sync_frontend(&mut self, key: ServiceKey, fe: &Frontend, affinity_group: u32, report: &mut SyncReport) -> Result<(), MapError> {
         if fe.backends.len() > MAX_BACKENDS_PER_FRONTEND {
-            return Err(MapError::Full { map: proxy_common::MAP_SERVICES });
+            return Err(MapError::TooManyBackends { count: fe.backends.len(), limit: MAX_BACKENDS_PER_FRONTEND });
         }
         let mut ids = Vec::with_capacity(fe.backends.len());
         for b in &fe.backends {
@@ -525,6 +642,9 @@ impl<M: MapOps> SyncEngine<M> {
         // The Maglev table, written whole (readers see the old or the new one).
         if want_maglev && prog.maglev.as_ref() != Some(&ids) {
             if !self.tables.contains_key(&ids) {
+                if self.tables.len() >= 16 {
+                    self.tables.clear();
+                }
                 let pairs: Vec<(u32, Backend)> = ids.iter().map(|id| (*id, self.backends[id])).collect();
                 self.tables.insert(ids.clone(), Box::new(crate::maglev::table(&pairs)));
             }
@@ -555,7 +675,7 @@ impl<M: MapOps> SyncEngine<M> {
         while prog.slots.len() > ids.len() {
             let slot_key = ServiceKey { slot: prog.slots.len() as u16, ..key };
             if let Err(e) = self.maps.del_service(slot_key) {
-                self.frontends.insert(key, prog);
+                self.set_prog(key, prog);
                 return Err(e);
             }
             report.deletes += 1;
@@ -563,7 +683,7 @@ impl<M: MapOps> SyncEngine<M> {
         }
         if value.flags & SVC_F_MAGLEV == 0 && prog.maglev.is_some() {
             if let Err(e) = self.maps.del_maglev(svc_id) {
-                self.frontends.insert(key, prog);
+                self.set_prog(key, prog);
                 return Err(e);
             }
             report.deletes += 1;
@@ -572,7 +692,7 @@ impl<M: MapOps> SyncEngine<M> {
         let old_ranges: Vec<RangeEntry> = prog.ranges.difference(&ranges).copied().collect();
         for r in old_ranges {
             if let Err(e) = self.maps.del_src_range(svc_id, r) {
-                self.frontends.insert(key, prog);
+                self.set_prog(key, prog);
                 return Err(e);
             }
             report.deletes += 1;
@@ -582,14 +702,44 @@ impl<M: MapOps> SyncEngine<M> {
         let leaving: Vec<u32> = prog.members.difference(&keep).copied().collect();
         for id in leaving {
             if let Err(e) = self.maps.del_member(MemberKey { svc_id, backend_id: id }) {
-                self.frontends.insert(key, prog);
+                self.set_prog(key, prog);
                 return Err(e);
             }
             report.deletes += 1;
             prog.members.remove(&id);
         }
-        self.frontends.insert(key, prog);
+        self.set_prog(key, prog);
         Ok(())
+    }
+
+    /// Stores a frontend's programmed state, moving the backend reference
+    /// counts from what it referred to before to what it refers to now.
+    fn set_prog(&mut self, key: ServiceKey, prog: Programmed) {
+        let now = referenced(&prog);
+        self.entries += 1 + prog.slots.len();
+        let before = match self.frontends.insert(key, prog) {
+            Some(p) => {
+                self.entries -= 1 + p.slots.len();
+                referenced(&p)
+            }
+            None => BTreeSet::new(),
+        };
+        for id in now.difference(&before) {
+            *self.refs.entry(*id).or_default() += 1;
+        }
+        for id in before.difference(&now) {
+            self.unref(*id);
+        }
+    }
+
+    fn unref(&mut self, id: u32) {
+        if let Some(n) = self.refs.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.refs.remove(&id);
+                self.unreferenced.insert(id);
+            }
+        }
     }
 
     /// Keeps the mirror exact after a partial write. A new frontend whose
@@ -597,7 +747,7 @@ impl<M: MapOps> SyncEngine<M> {
     /// is removed again (its id stays retired).
     fn store(&mut self, key: ServiceKey, prog: Programmed, is_new: bool) {
         if !is_new {
-            self.frontends.insert(key, prog);
+            self.set_prog(key, prog);
             return;
         }
         for i in (1..=prog.slots.len()).rev() {
@@ -621,6 +771,10 @@ impl<M: MapOps> SyncEngine<M> {
             return Err(e);
         }
         report.deletes += 1;
+        self.entries -= 1 + prog.slots.len();
+        for id in referenced(&prog) {
+            self.unref(id);
+        }
         let svc_id = prog.value.svc_id;
         // From here on nothing can reach what is left; delete it all, and
         // keep what failed tracked under a removed frontend so a later sync

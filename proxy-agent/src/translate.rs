@@ -176,6 +176,9 @@ pub enum SkipReason {
     /// A LoadBalancer ingress with `ipMode: Proxy`: the load balancer proxies
     /// to the nodes, so its IP is not programmed (kube-proxy skips it too).
     ProxyIpMode(String),
+    /// More endpoints for one Service port than a frontend can hold (the
+    /// datapath's slot index is 16 bits): the port is not programmed.
+    TooManyEndpoints(usize),
 }
 
 impl SkipReason {
@@ -193,6 +196,7 @@ impl SkipReason {
             SkipReason::Conflict(_) => "conflict",
             SkipReason::InvalidSourceRange(_) => "invalid_source_range",
             SkipReason::ProxyIpMode(_) => "ip_mode_proxy",
+            SkipReason::TooManyEndpoints(_) => "too_many_endpoints",
         }
     }
 }
@@ -211,6 +215,11 @@ impl std::fmt::Display for SkipReason {
             SkipReason::InvalidSourceRange(r) => {
                 write!(f, "loadBalancerSourceRanges entry {r:?} is not a CIDR (ignored)")
             }
+            SkipReason::TooManyEndpoints(n) => write!(
+                f,
+                "{n} endpoints exceed the limit of {} backends per frontend; this port is not programmed (split the Service)",
+                crate::sync::MAX_BACKENDS_PER_FRONTEND
+            ),
             SkipReason::ProxyIpMode(ip) => {
                 write!(f, "LoadBalancer ingress {ip} has ipMode Proxy: left to the load balancer, not programmed")
             }
@@ -573,6 +582,12 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeIn
         let local_backends = addrs(&node_local(&eps, node));
         let any_usable = !usable_eps.is_empty();
         let cluster_backends_ext = addrs(&topology_filter(usable_eps.clone(), node));
+        let most = cluster_backends.len().max(local_backends.len()).max(cluster_backends_ext.len());
+        if most > crate::sync::MAX_BACKENDS_PER_FRONTEND {
+            skips.insert(SkipReason::TooManyEndpoints(most));
+            out.skipped.extend(skips.into_iter().map(|reason| Skip { owner: port_owner.clone(), reason }));
+            continue;
+        }
         let base = |ip: IpAddr, port: u16, kind: FrontendKind, scope: Scope, backends: &Vec<BackendAddr>, local: bool| Frontend {
             addr: FrontendAddr { ip, port, proto, scope },
             kind,
@@ -639,7 +654,7 @@ pub struct Desired {
 }
 
 /// The `VIP_F_*` flags of a frontend address.
-fn vip_flags(fe: &Frontend, node: &NodeInfo) -> u32 {
+pub(crate) fn vip_flags(fe: &Frontend, node: &NodeInfo) -> u32 {
     let mut f = 0;
     if fe.kind == FrontendKind::ClusterIp {
         f |= proxy_common::VIP_F_CLUSTER_IP;
@@ -660,7 +675,7 @@ pub struct TranslationCache {
     entries: std::collections::HashMap<(String, String), (String, Translation)>,
 }
 
-fn fingerprint(svc: &Service, slices: &[&EndpointSlice]) -> Option<String> {
+pub(crate) fn fingerprint(svc: &Service, slices: &[&EndpointSlice]) -> Option<String> {
     let mut f = svc.metadata.resource_version.clone()?;
     let mut rvs: Vec<(&str, &str)> = Vec::with_capacity(slices.len());
     for s in slices {
@@ -688,7 +703,7 @@ struct Precedence<'a> {
     name: &'a str,
 }
 
-fn kind_rank(k: FrontendKind) -> u8 {
+pub(crate) fn kind_rank(k: FrontendKind) -> u8 {
     match k {
         FrontendKind::ClusterIp => 0,
         FrontendKind::NodePort => 1,
@@ -696,7 +711,7 @@ fn kind_rank(k: FrontendKind) -> u8 {
     }
 }
 
-fn conflict(lost: &Frontend, winner: &str) -> Skip {
+pub(crate) fn conflict(lost: &Frontend, winner: &str) -> Skip {
     Skip {
         owner: lost.owner.clone(),
         reason: SkipReason::Conflict(format!(
@@ -740,6 +755,7 @@ pub fn translate_all_cached(
     });
     let mut desired = Desired::default();
     let mut claims: BTreeMap<FrontendAddr, (Precedence<'_>, Frontend)> = BTreeMap::new();
+    let mut lost: Vec<Frontend> = Vec::new();
     let mut live: std::collections::HashSet<(String, String)> = std::collections::HashSet::with_capacity(services.len());
     for svc in sorted {
         let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
@@ -768,15 +784,19 @@ pub fn translate_all_cached(
                 }
                 std::collections::btree_map::Entry::Occupied(mut o) => {
                     if o.get().0 <= rank {
-                        desired.skipped.push(conflict(&fe, &o.get().1.owner));
+                        lost.push(fe);
                     } else {
-                        let (_, lost) = o.insert((rank, fe));
-                        desired.skipped.push(conflict(&lost, &o.get().1.owner));
+                        let (_, l) = o.insert((rank, fe));
+                        lost.push(l);
                     }
                 }
             }
         }
         desired.skipped.extend(t.skipped);
+    }
+    // Losers name the final winner of their address.
+    for fe in lost {
+        desired.skipped.push(conflict(&fe, &claims[&fe.addr].1.owner));
     }
     for (addr, (_, fe)) in claims {
         *desired.vips.entry(addr.ip).or_default() |= vip_flags(&fe, node);

@@ -237,8 +237,23 @@ fn agent_follows_the_api_server() {
     h.api.change(SLICES, h.web_slice(&[2]), false);
     assert!(wait_until(Duration::from_secs(5), || h.answers(5).iter().all(|x| x == "b2")), "followed the MODIFIED event");
 
-    // Deleting the Service removes its frontend.
+    // Another Service claims web's ClusterIP as an externalIP (incremental
+    // path: only `other` is translated): web keeps it (ClusterIP first).
+    let other = yaml_objects(&service("other", "10.96.0.11", &[(80, "TCP")], "  externalIPs: [10.96.0.10]\n")).remove(0);
+    h.api.change(SERVICES, other.clone(), false);
+    let ips = [h.topo.backends[1].ip];
+    h.api.change(SLICES, yaml_objects(&slice("other", "other-1", &[(80, "TCP")], &ips)).remove(0), false);
+    assert!(wait_until(Duration::from_secs(5), || {
+        proxy_testkit::http_get(&h.topo.node, 10249, "/metrics").contains("kproxy_programmed_frontends 2")
+    }), "other's ClusterIP programmed");
+    assert!(h.answers(5).iter().all(|x| x == "b2"), "web keeps its ClusterIP against other's externalIP");
+
+    // Deleting web: the loser of the contested address takes it over.
     h.api.change(SERVICES, svc, true);
+    assert!(wait_until(Duration::from_secs(5), || h.answers(5).iter().all(|x| x == "b1")), "other's externalIP took over");
+
+    // Deleting other removes every frontend.
+    h.api.change(SERVICES, other, true);
     assert!(wait_until(Duration::from_secs(5), || tcp_connect(&h.topo.clients[0].ns, sa(VIP, 80), Duration::from_millis(300)).is_err()));
     let metrics = proxy_testkit::http_get(&h.topo.node, 10249, "/metrics");
     assert!(metrics.contains("kproxy_programmed_frontends 0"), "{metrics}");

@@ -156,7 +156,7 @@ pub fn memory(services: usize, endpoints: usize) -> anyhow::Result<Memory> {
         y.push_str(&format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: m}}\nspec: {{clusterIP: {vip}, ports: [{{port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-a, namespace: m, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{port: 8080, protocol: TCP}}]\nendpoints:\n"));
         for e in 0..endpoints {
             let n = i * endpoints + e;
-            y.push_str(&format!("- {{addresses: [\"10.{}.{}.{}\"]}}\n", 1 + n / 65_000, (n % 65_000) / 250, n % 250 + 1));
+            y.push_str(&format!("- {{addresses: [\"10.{}.{}.{}\"]}}\n", 1 + n / 65_536, (n / 256) % 256, n % 256));
         }
     }
     std::fs::write(dir.join("objects.yaml"), y)?;
@@ -166,6 +166,9 @@ pub fn memory(services: usize, endpoints: usize) -> anyhow::Result<Memory> {
         .args(["--metrics-addr", "127.0.0.1:10249", "--health-addr", "127.0.0.1:10256"])
         // Never attach socket programs at this machine's root cgroup.
         .args(["--socket-lb", "off"])
+        // Maps sized for the objects, so every frontend is programmed.
+        .args(["--max-services", &(services * (endpoints + 2)).max(262_144).to_string()])
+        .args(["--max-backends", &(services * endpoints + 1024).max(262_144).to_string()])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()?;

@@ -13,6 +13,7 @@
 mod load;
 mod north_south;
 mod rules;
+mod sync;
 
 use std::{
     fmt::Write as _,
@@ -40,6 +41,11 @@ struct Opts {
     /// One Service count, a few seconds: proves the benchmark still runs.
     #[arg(long)]
     smoke: bool,
+    /// Control plane only, no traffic: full sync and incremental endpoint
+    /// changes on real maps at 10,000 Services (and 50,000 without
+    /// --quick), and agent memory. Prints the sync figures and summary.
+    #[arg(long)]
+    sync_only: bool,
     /// Concurrent client connections.
     #[arg(long, default_value_t = 2)]
     concurrency: usize,
@@ -183,19 +189,16 @@ fn setup(mode: Mode, n: usize, topo: &Topology, s: &mut Sample) -> anyhow::Resul
             last.endpoints[0].addresses[0] = CHANGED_EP.to_string();
             last.metadata.resource_version = Some("2".into());
             let t = Instant::now();
-            agent.apply(&changed.services, &changed.slices, &changed.nodes, t);
+            let last_svc = changed.services.last().unwrap();
+            let id = proxy_agent::incremental::service_id(last_svc);
+            if agent.apply_changes([(id, Some(last_svc), vec![changed.slices.last().unwrap()])], &changed.nodes, t).is_none() {
+                bail!("the incremental path fell back to a full sync");
+            }
             s.change_ms = t.elapsed().as_secs_f64() * 1e3;
             // Engine only (diff + map writes, translation excluded): the
             // same one-endpoint change, back to the original set.
             let node = proxy_agent::agent::node_info(
-                &AgentConfig {
-                    datapath: dcfg.clone(),
-                    interfaces: vec![],
-                    node_name: "bench".into(),
-                    node_ips: vec![],
-                    maglev: true,
-                    nodeport_cidrs: vec![],
-                },
+                &AgentConfig { datapath: dcfg.clone(), interfaces: vec![], node_name: "bench".into(), node_ips: vec![], maglev: true, nodeport_cidrs: vec![] },
                 &[],
             );
             let d0 = proxy_agent::translate::translate_all(&objs.services, &objs.slices, &node);
@@ -329,6 +332,28 @@ fn main() -> anyhow::Result<()> {
         .filter(|m| opts.modes.is_empty() || opts.modes.iter().any(|x| x == m.name()))
         .collect();
     let started = Instant::now();
+    // The control plane at scale (no traffic): incremental endpoint changes
+    // and full syncs on real maps.
+    let sync_counts: Vec<usize> = if opts.smoke {
+        vec![]
+    } else if opts.quick {
+        vec![10_000]
+    } else {
+        vec![10_000, 50_000]
+    };
+    let mut syncs = Vec::new();
+    for &n in &sync_counts {
+        eprintln!("control plane: {n} Services x 10 endpoints, 50 endpoint changes");
+        syncs.push(sync::measure(n, 10, 50)?);
+    }
+    if opts.sync_only {
+        let memory = load::memory(10_000, 10)?;
+        let big = if opts.quick { None } else { Some(load::memory(100_000, 2)?) };
+        let (md, summary) = sync_report(&syncs, &memory, big.as_ref());
+        print!("{md}");
+        println!("{summary}");
+        return Ok(());
+    }
     let mut samples = Vec::new();
     let mut ns_samples = Vec::new();
     // Interleaved: every mode once per round, rounds repeated (A B A B).
@@ -360,10 +385,17 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let memory = load::memory(if opts.smoke { 100 } else { 10_000 }, 10)?;
+    let big = if opts.smoke || opts.quick { None } else { Some(load::memory(100_000, 2)?) };
     let mut report = report(&opts, &counts, &samples, &memory, started.elapsed());
     let (ns_md, ns_summary) = north_south_report(&ns_samples);
     report.markdown = report.markdown.replacen("\n## Per-packet cost", &format!("\n{ns_md}\n## Per-packet cost"), 1);
     report.summary = format!("{} {ns_summary}", report.summary);
+    let (sync_md, sync_summary) = sync_report(&syncs, &memory, big.as_ref());
+    report.markdown.push_str(&sync_md);
+    report.summary = format!("{} {}", report.summary, sync_summary.trim_start_matches("bench-sync: "));
+    report.json["sync"] = json!(syncs.iter().map(|r| json!({"services": r.services, "endpoints": r.endpoints,
+        "full_ms": r.full_ms, "resync_ms": r.resync_ms, "change_p50_ms": r.change_p50_ms,
+        "change_p99_ms": r.change_p99_ms, "change_max_ms": r.change_max_ms, "changes": r.changes})).collect::<Vec<_>>());
     print!("{}", report.markdown);
     let out = opts.root.join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -377,6 +409,44 @@ fn main() -> anyhow::Result<()> {
     }
     println!("{}", report.summary);
     Ok(())
+}
+
+/// The control-plane section and its summary fields.
+fn sync_report(syncs: &[sync::SyncResult], memory: &load::Memory, big: Option<&load::Memory>) -> (String, String) {
+    let mut md = String::new();
+    let _ = writeln!(md, "\n## Control plane at scale (real maps, no traffic)\n");
+    let _ = writeln!(
+        md,
+        "One endpoint change = one EndpointSlice event through the incremental path (`Agent::apply_changes`: re-translate that Service, diff, write), timed from the event to the last map write.\n"
+    );
+    let _ = writeln!(md, "| Services × endpoints | full sync ms (map writes) | resync, nothing changed, ms | change p50 ms | change p99 ms | max ms | changes | agent state MB |");
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in syncs {
+        let _ = writeln!(
+            md,
+            "| {} × {} | {:.1} ({}) | {:.1} | {:.3} | {:.3} | {:.3} | {} | {:.1} |",
+            r.services, r.endpoints, r.full_ms, r.full_writes, r.resync_ms, r.change_p50_ms, r.change_p99_ms, r.change_max_ms, r.changes, r.state_mb
+        );
+    }
+    let _ = writeln!(md, "\nAgent RSS (standalone, release): {:.1} MB at {} × {}", memory.rss_mb, memory.services, memory.endpoints);
+    if let Some(b) = big {
+        let _ = writeln!(md, "; {:.1} MB at {} × {}", b.rss_mb, b.services, b.endpoints);
+    }
+    let at = |n: usize| syncs.iter().find(|r| r.services == n);
+    let f = |v: Option<f64>, p: usize| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.p$}"));
+    let mut summary = format!(
+        "bench-sync: change10k_ms={} full10k_ms={} rss10k_mb={}",
+        f(at(10_000).map(|r| r.change_p99_ms), 2),
+        f(at(10_000).map(|r| r.full_ms), 0),
+        f((memory.services == 10_000).then_some(memory.rss_mb), 0),
+    );
+    if let Some(r) = at(50_000) {
+        summary.push_str(&format!(" change50k_ms={:.2}", r.change_p99_ms));
+    }
+    if let Some(b) = big {
+        summary.push_str(&format!(" rss100k_mb={:.0}", b.rss_mb));
+    }
+    (md, summary)
 }
 
 struct Report {
@@ -456,7 +526,7 @@ fn report(opts: &Opts, counts: &[usize], samples: &[Sample], memory: &load::Memo
         let _ = writeln!(md, "| {n} | {:.1} | {:.1} |", med(samples, "ebpf", n, |s| s.prog_hit_ns), med(samples, "ebpf", n, |s| s.prog_miss_ns));
     }
     let _ = writeln!(md, "\n## Control plane (ms)\n");
-    let _ = writeln!(md, "| Services | ebpf: program all (translate + sync) | iptables-restore all | nft -f all | ebpf: one endpoint change (translate + sync) | ebpf: change, sync engine only | iptables-restore --noflush change | nft change |");
+    let _ = writeln!(md, "| Services | ebpf: program all (translate + sync) | iptables-restore all | nft -f all | ebpf: one endpoint change (incremental path) | ebpf: change, sync engine only | iptables-restore --noflush change | nft change |");
     let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in counts {
         let _ = writeln!(
