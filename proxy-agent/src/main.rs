@@ -220,6 +220,15 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "table")]
         output: inspect::Output,
     },
+    /// Remove kube-proxy's leftovers from this node: iptables KUBE-* chains
+    /// (nat, filter; nf_tables and legacy) and the jumps to them, the
+    /// nftables `kube-proxy` tables, the IPVS kube-ipvs0 device and virtual
+    /// servers. Safe to run again.
+    CleanupKubeProxy {
+        /// Print what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn init_tracing(format: &str) {
@@ -261,10 +270,32 @@ fn main() -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Some(Cmd::CleanupKubeProxy { dry_run }) => return cleanup_kube_proxy(dry_run),
         None => {}
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(run(cli))
+}
+
+fn cleanup_kube_proxy(dry_run: bool) -> anyhow::Result<()> {
+    use proxy_agent::cleanup;
+    let plan = cleanup::plan()?;
+    for n in &plan.notes {
+        println!("note: {n}");
+    }
+    if plan.steps.is_empty() {
+        println!("nothing to remove: no kube-proxy leftovers found");
+        return Ok(());
+    }
+    if dry_run {
+        for s in &plan.steps {
+            println!("would remove {}: {s}", s.what);
+        }
+        return Ok(());
+    }
+    cleanup::execute(&plan, |s| println!("removing {}: {s}", s.what))?;
+    println!("removed {} kube-proxy leftovers", plan.steps.len());
+    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
