@@ -1033,7 +1033,7 @@ pub struct Conntrack {
     /// SNAT entries without a live flow at the last pass: removed when
     /// still so at the next (the datapath claims the port just before it
     /// writes the flow).
-    snat_suspects: std::collections::HashSet<CtKey>,
+    snat_suspects: std::collections::HashSet<(CtKey, CtKey)>,
 }
 
 /// What one collector pass did.
@@ -1087,21 +1087,26 @@ impl Conntrack {
     /// in a row. Returns (entries left, removed).
     pub fn collect_snat(&mut self, now: u64) -> (usize, usize) {
         let all: Vec<(CtKey, CtKey)> = self.snat.iter().filter_map(Result::ok).collect();
-        let mut suspects = std::collections::HashSet::new();
-        for (skey, fkey) in &all {
+        let live = |maps: &[(&'static str, AyaHashMap<MapData, CtKey, CtValue>); 2], skey: &CtKey, fkey: &CtKey| {
             let i = usize::from(fkey.proto != proxy_common::IPPROTO_TCP);
-            let live = self.maps[i].1.get(fkey, 0).is_ok_and(|f| {
+            maps[i].1.get(fkey, 0).is_ok_and(|f| {
                 f.flags & proxy_common::CT_F_REPLY == 0
                     && f.snat_port == skey.dport
                     && now.saturating_sub(f.last_seen_ns) <= proxy_common::ct_lifetime_ns(fkey.proto, f.flags)
-            });
-            if !live {
-                suspects.insert(*skey);
+            })
+        };
+        // Suspects are (entry, the flow it pointed at): an entry the
+        // datapath gave to another flow meanwhile is no suspect any more.
+        let mut suspects = std::collections::HashSet::new();
+        for (skey, fkey) in &all {
+            if !live(&self.maps, skey, fkey) {
+                suspects.insert((*skey, *fkey));
             }
         }
         let mut removed = 0;
-        for k in suspects.intersection(&self.snat_suspects) {
-            if self.snat.remove(k).is_ok() {
+        for (skey, fkey) in suspects.intersection(&self.snat_suspects) {
+            // Still the same entry, still without a live flow, right now.
+            if self.snat.get(skey, 0).ok() == Some(*fkey) && !live(&self.maps, skey, fkey) && self.snat.remove(skey).is_ok() {
                 removed += 1;
             }
         }

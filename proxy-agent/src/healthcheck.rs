@@ -53,8 +53,8 @@ pub fn node_eligible(nodes: &[Node], node_name: &str) -> bool {
 
 /// Health check ports of this node: every LoadBalancer Service with
 /// `externalTrafficPolicy: Local` and a `healthCheckNodePort`, with the
-/// number of its ready endpoints on `node_name` (kube-proxy counts ready
-/// local endpoints; `publishNotReadyAddresses` counts them all). A port two
+/// number of its ready endpoints on `node_name` (as kube-proxy counts
+/// them). A port two
 /// Services claim (an API conflict) goes to the first by namespace/name.
 #[must_use]
 pub fn health_checks(services: &[Service], slices: &[EndpointSlice], node_name: &str) -> BTreeMap<u16, HealthCheck> {
@@ -85,13 +85,13 @@ pub fn health_check_of(svc: &Service, slices: &[&EndpointSlice], node_name: &str
     let port = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0)?;
     let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = svc.metadata.name.clone().unwrap_or_default();
-    let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
     let mut local: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
     for slice in slices {
         for ep in &slice.endpoints {
+            // kube-proxy counts this node's ready endpoints.
             let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
             if ep.node_name.as_deref() == Some(node_name)
-                && (ready || publish_not_ready)
+                && ready
                 && let Some(a) = ep.addresses.first()
             {
                 local.insert(a.as_str());
@@ -221,11 +221,26 @@ impl HealthServer {
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp, healthy) = (state.clone(), stop.clone(), self.node_healthy.clone());
         let thread = thread::Builder::new().name(format!("kproxy-hc-{port}")).spawn(move || {
+            // Requests are answered on threads of their own (at most
+            // MAX_CONNS at once, each bounded in time), so a slow client
+            // cannot hold the port against the load balancer's probes.
+            let busy = Arc::new(AtomicU64::new(0));
             while !sp.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
+                        if busy.load(Ordering::Relaxed) >= MAX_CONNS {
+                            continue; // dropped: the prober retries
+                        }
+                        busy.fetch_add(1, Ordering::Relaxed);
                         let hc = st.lock().unwrap().clone();
-                        serve(conn, &hc, healthy.load(Ordering::Relaxed));
+                        let (healthy, busy) = (healthy.load(Ordering::Relaxed), busy.clone());
+                        let spawned = thread::Builder::new().name(format!("kproxy-hc-{port}-req")).spawn(move || {
+                            serve(conn, &hc, healthy);
+                            busy.fetch_sub(1, Ordering::Relaxed);
+                        });
+                        if spawned.is_err() {
+                            tracing::warn!(port, "cannot spawn a health check request thread");
+                        }
                     }
                     Err(_) => thread::sleep(Duration::from_millis(50)),
                 }
@@ -235,14 +250,21 @@ impl HealthServer {
     }
 }
 
-/// Answers one request (any path, as kube-proxy does), bounded in time.
+/// Concurrent health check requests per port.
+const MAX_CONNS: u64 = 32;
+
+/// Answers one request (any path, as kube-proxy does), within 2 s overall.
 fn serve(mut conn: TcpStream, hc: &HealthCheck, node_healthy: bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
     let _ = conn.set_nonblocking(false);
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
     let mut buf = [0u8; 2048];
     let mut head = Vec::new();
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
         match conn.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => head.extend_from_slice(&buf[..n]),

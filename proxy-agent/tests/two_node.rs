@@ -421,6 +421,8 @@ fn health_check_node_ports_answer_per_node_and_follow_endpoints() {
     };
     env.apply(&svc("node-a", env.pod_ip(0, 0)));
     let probe = |env: &Env, n: usize| hc_get(env.client(0), sa(env.node_ip(n), hc_port));
+    // A client that connects and says nothing does not hold the port.
+    let _idle = tcp_connect(env.client(0), sa(env.node_ip(0), hc_port), T).expect("idle connection");
     let (status, body) = probe(&env, 0).expect("node A answers its health check port");
     assert_eq!(status, 200);
     assert_eq!(body["localEndpoints"], 1);

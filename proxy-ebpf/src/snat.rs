@@ -10,7 +10,9 @@ use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_NOEXIST},
     helpers::bpf_get_prandom_u32,
 };
-use proxy_common::{Backend, CT_F_REPLY, CtKey, CtValue, NodeConfig, SNAT_TRIES, ct_done, v4_of_mapped};
+use proxy_common::{
+    Backend, CT_F_CLOSING, CT_F_REPLY, CtKey, CtValue, NodeConfig, SNAT_TRIES, ct_lifetime_ns, v4_of_mapped,
+};
 
 use crate::{
     ct,
@@ -39,17 +41,31 @@ pub fn claim(pkt: &Packet, backend: &Backend, now: u64) -> u32 {
     claim_inner(&cfg, &ct::key_of(pkt), backend.addr, backend.port, now).map_or(0, u32::from)
 }
 
-/// Whether the flow an SNAT entry points at is over (gone, closing or
-/// expired, or using another port now): its port may be taken, as the
-/// kernel reuses a TIME_WAIT tuple, instead of waiting for the collector.
+/// A closing flow's port is taken over only after this long without a
+/// packet (its last ACK and FIN retransmissions are over).
+const TAKEOVER_GRACE_NS: u64 = 2_000_000_000;
+
+/// Whether the flow an SNAT entry points at is over, so its port may be
+/// taken (as the kernel reuses a TIME_WAIT tuple) instead of waiting for
+/// the collector: its forward entry expired, is closing and quiet for
+/// [`TAKEOVER_GRACE_NS`], or uses another port now. A missing forward
+/// entry counts as in use: another CPU may be between claiming the port and
+/// recording its flow (the collector removes true orphans).
 #[inline(always)]
 fn finished(fkey: &CtKey, port: u16, now: u64) -> bool {
-    let Some(f) = ct_get(fkey) else { return true };
+    let Some(f) = ct_get(fkey) else { return false };
     // SAFETY: copied out at once.
     let f: CtValue = unsafe { *f };
-    f.flags & CT_F_REPLY != 0 || f.snat_port != port || ct_done(fkey.proto, &f, now)
+    if f.flags & CT_F_REPLY != 0 || f.snat_port != port {
+        return true;
+    }
+    let quiet = now.wrapping_sub(f.last_seen_ns);
+    quiet > ct_lifetime_ns(fkey.proto, f.flags) || (f.flags & CT_F_CLOSING != 0 && quiet > TAKEOVER_GRACE_NS)
 }
 
+/// Claims a port: free ports first (every try), then the port of a flow
+/// that is over. After a take-over the entry is read back: a CPU that took
+/// the same port at the same moment and lost moves on.
 #[inline(always)]
 fn claim_inner(cfg: &NodeConfig, fwd: &CtKey, backend: [u8; 16], bport: u16, now: u64) -> Option<u16> {
     let min = u32::from(cfg.snat_port_min);
@@ -67,10 +83,17 @@ fn claim_inner(cfg: &NodeConfig, fwd: &CtKey, backend: [u8; 16], bport: u16, now
         if SNAT.insert(&key, fwd, u64::from(BPF_NOEXIST)).is_ok() {
             return Some(port);
         }
+    }
+    for i in 0..SNAT_TRIES {
+        let off = start.wrapping_add(i.wrapping_mul(7_919)).checked_rem(span).unwrap_or(0);
+        let port = (min + off) as u16;
+        let key = reply_key(backend, bport, cfg.snat_addr, port, fwd.proto);
         // SAFETY: copied out at once.
         if let Some(old) = unsafe { SNAT.get(&key) }.copied()
             && finished(&old, port, now)
             && SNAT.insert(&key, fwd, u64::from(BPF_EXIST)).is_ok()
+            // SAFETY: copied out at once.
+            && unsafe { SNAT.get(&key) }.copied() == Some(*fwd)
         {
             return Some(port);
         }
