@@ -135,7 +135,7 @@ struct DpArgs {
     external_interfaces: Vec<String>,
     /// SNAT ports for external flows to remote backends, `FIRST-LAST`
     /// (reserved in net.ipv4.ip_local_reserved_ports).
-    #[arg(global = true, long, env = "KPROXY_SNAT_PORT_RANGE", default_value = "61000-65535", value_parser = parse_port_range)]
+    #[arg(global = true, long, env = "KPROXY_SNAT_PORT_RANGE", default_value = "1024-29999", value_parser = parse_port_range)]
     snat_port_range: (u16, u16),
     /// XDP on the external interfaces: `native` (in the driver; generic
     /// where the driver has none), `generic`, or `none`. NodePort,

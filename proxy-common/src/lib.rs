@@ -144,11 +144,14 @@ pub const MAX_FRAGS: u32 = 8_192;
 pub const DEFAULT_MAX_SOCK_REV: u32 = 131_072;
 pub const DEFAULT_MAX_SNAT: u32 = 131_072;
 pub const MAX_SRC_RANGES: u32 = 16_384;
-/// SNAT ports: above Linux's default ephemeral range (32768-60999), so the
-/// node's own connections never pick them (the agent also reserves them in
-/// `net.ipv4.ip_local_reserved_ports`).
-pub const DEFAULT_SNAT_PORT_MIN: u16 = 61_000;
-pub const DEFAULT_SNAT_PORT_MAX: u16 = 65_535;
+/// SNAT ports: below the NodePort range (30000-32767, whose ports the
+/// node answers as frontends) and outside Linux's default ephemeral range
+/// (32768-60999), so the node's own connections never pick them (the agent
+/// also reserves them in `net.ipv4.ip_local_reserved_ports`). A reply is
+/// matched on the whole tuple (backend address and port, node address and
+/// port), so a node service listening on one of these ports is unaffected.
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 1_024;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 29_999;
 /// How many ports a new SNAT flow tries before it is dropped.
 pub const SNAT_TRIES: u32 = 16;
 
