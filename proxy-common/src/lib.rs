@@ -153,7 +153,7 @@ pub const MAX_SRC_RANGES: u32 = 16_384;
 pub const DEFAULT_SNAT_PORT_MIN: u16 = 1_024;
 pub const DEFAULT_SNAT_PORT_MAX: u16 = 29_999;
 /// How many ports a new SNAT flow tries before it is dropped.
-pub const SNAT_TRIES: u32 = 16;
+pub const SNAT_TRIES: u32 = 32;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
