@@ -187,7 +187,9 @@ fn write_archive(out: &Path, tag: &str, layer: &[u8]) -> anyhow::Result<()> {
         "layers": [{ "mediaType": MT_LAYER, "digest": format!("sha256:{layer_digest}"), "size": layer_gz.len() }],
     }))?;
     let manifest_digest = sha256_hex(&manifest);
-    let (repo, version) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
+    // `host:5000/kproxy` has no tag: a `:` before the last `/` is a port.
+    let (repo, version) = tag.rsplit_once(':').filter(|(_, t)| !t.contains('/')).unwrap_or((tag, "latest"));
+    let tag = &format!("{repo}:{version}");
     // containerd wants a full reference; docker.io/library/ is what `kproxy` means.
     let full = if repo.contains('/') { tag.to_owned() } else { format!("docker.io/library/{repo}:{version}") };
     let index = serde_json::to_vec(&json!({
@@ -221,6 +223,7 @@ fn write_archive(out: &Path, tag: &str, layer: &[u8]) -> anyhow::Result<()> {
 /// Builds the release agent and writes the image archive to `out`, then
 /// checks it with [`verify`].
 pub fn build(out: Option<PathBuf>, tag: &str) -> anyhow::Result<PathBuf> {
+    crate::bootstrap::ensure_image_tools()?;
     cargo(&["build", "--release", "-p", "proxy-agent"])?;
     let agent = strip_agent(&target_dir().join("release/proxy-agent"))?;
     let files = layer_files(&agent)?;
