@@ -93,6 +93,11 @@ fn removes_kube_proxy_leftovers_and_nothing_else() {
     let ns = Netns::create(&unique_prefix("ckp")).expect("creating the namespace");
     feed(&ns, "iptables-restore", &[], RULES);
     feed(&ns, "nft", &["-f", "-"], NFT);
+    // kube-proxy's IPVS mode holds Service addresses on a dummy device of
+    // this name (a veth here: this kernel may have no dummy module; the
+    // name is what cleanup looks for).
+    ns.ip(&["link", "add", "kube-ipvs0", "type", "veth", "peer", "name", "kipvs-peer"]).expect("creating kube-ipvs0");
+    ns.ip(&["link", "add", "mine0", "type", "veth", "peer", "name", "mine1"]).expect("creating mine0");
     let before = state(&ns);
     assert!(before.0.contains(":KUBE-SERVICES"), "rules not loaded:\n{}", before.0);
     assert!(before.1.contains("table ip kube-proxy"), "nft table not loaded:\n{}", before.1);
@@ -100,12 +105,13 @@ fn removes_kube_proxy_leftovers_and_nothing_else() {
     // Dry run: names everything, changes nothing.
     let (_, text) = agent(&ns, true);
     for name in
-        ["KUBE-SERVICES", "KUBE-SVC-NPX46M4PTMTKRN6Y", "KUBE-SEP-6E7XQMQ4RAYOWTTM", "KUBE-MARK-MASQ", "KUBE-POSTROUTING", "KUBE-FORWARD", "kube-proxy"]
+        ["kube-ipvs0", "KUBE-SERVICES", "KUBE-SVC-NPX46M4PTMTKRN6Y", "KUBE-SEP-6E7XQMQ4RAYOWTTM", "KUBE-MARK-MASQ", "KUBE-POSTROUTING", "KUBE-FORWARD", "kube-proxy"]
     {
         assert!(text.contains(name), "dry run does not name {name}:\n{text}");
     }
     assert!(!text.contains("MY-CHAIN") && !text.contains(" mine"), "dry run would touch unrelated objects:\n{text}");
     assert_eq!(state(&ns), before, "the dry run changed something");
+    assert!(ns.ip(&["link", "show", "kube-ipvs0"]).is_ok(), "the dry run removed kube-ipvs0");
 
     // Real run.
     let (_, text) = agent(&ns, false);
@@ -116,6 +122,8 @@ fn removes_kube_proxy_leftovers_and_nothing_else() {
         assert!(ipt.contains(want), "unrelated rule {want:?} was removed:\n{ipt}");
     }
     assert!(nft.contains("table ip mine"), "unrelated nft table removed:\n{nft}");
+    assert!(ns.ip(&["link", "show", "kube-ipvs0"]).is_err(), "kube-ipvs0 left after cleanup");
+    assert!(ns.ip(&["link", "show", "mine0"]).is_ok(), "unrelated device mine0 removed");
     let mine = ns.exec("nft", &["list", "table", "ip", "mine"]).expect("nft list table ip mine");
     assert!(mine.contains("tcp dport 9999 accept"), "unrelated nft rule changed:\n{mine}");
 
@@ -124,4 +132,26 @@ fn removes_kube_proxy_leftovers_and_nothing_else() {
     let (_, text) = agent(&ns, false);
     assert!(text.contains("nothing to remove"), "second run found work:\n{text}");
     assert_eq!(state(&ns), after, "the second run changed something");
+}
+
+/// The same rules in the legacy (x_tables) backend, which kube-proxy uses
+/// on nodes whose iptables is iptables-legacy.
+#[test]
+fn removes_legacy_iptables_chains() {
+    require_root();
+    let ns = Netns::create(&unique_prefix("ckl")).expect("creating the namespace");
+    feed(&ns, "iptables-legacy-restore", &[], RULES);
+    let save = |ns: &Netns| ns.exec("iptables-legacy-save", &[]).expect("iptables-legacy-save");
+    assert!(save(&ns).contains(":KUBE-FORWARD"), "legacy rules not loaded:\n{}", save(&ns));
+    let (_, text) = agent(&ns, true);
+    assert!(text.contains("iptables-legacy -w -t nat -X KUBE-SERVICES"), "dry run does not name the legacy chains:\n{text}");
+    assert!(save(&ns).contains(":KUBE-SERVICES"), "the dry run changed the legacy tables");
+    agent(&ns, false);
+    let after = save(&ns);
+    assert!(!after.contains("KUBE-"), "legacy KUBE-* chains or jumps left:\n{after}");
+    for want in [":MY-CHAIN - [0:0]", "-A MY-CHAIN -p tcp -j ACCEPT", "-A PREROUTING -p tcp -m tcp --dport 8080 -j MY-CHAIN"] {
+        assert!(after.contains(want), "unrelated legacy rule {want:?} removed:\n{after}");
+    }
+    let (_, text) = agent(&ns, false);
+    assert!(text.contains("nothing to remove"), "second run found work:\n{text}");
 }

@@ -146,6 +146,11 @@ pub fn ensure_bench_tools() -> anyhow::Result<()> {
     ensure_packages(&[("iptables-restore", "iptables"), ("nft", "nftables")])
 }
 
+/// What `cargo xtask image` uses to split the debug info off.
+pub fn ensure_image_tools() -> anyhow::Result<()> {
+    ensure_packages(&[("objcopy", "binutils"), ("ldd", "libc-bin")])
+}
+
 fn ensure_packages(tools: &[(&str, &str)]) -> anyhow::Result<()> {
     let mut missing = Vec::new();
     for &(cmd, pkg) in tools {

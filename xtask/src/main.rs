@@ -2,6 +2,7 @@
 mod bootstrap;
 mod chart;
 mod demo;
+mod image;
 
 use std::{
     path::{Path, PathBuf},
@@ -39,6 +40,17 @@ enum Cmd {
     Demo,
     /// Regenerate deploy/install.yaml from the chart (helm template).
     Manifests,
+    /// Write an OCI image archive of the agent (stripped release build,
+    /// bpftool, their shared libraries) from files on this machine, for
+    /// `kind load image-archive`, `podman load`, `docker load`, `ctr images import`.
+    Image {
+        /// Where to write it (default: $CARGO_TARGET_DIR/image/kproxy-image.tar).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Image name and tag.
+        #[arg(long, default_value = "kproxy:dev")]
+        tag: String,
+    },
     /// Benchmark ebpf against direct, iptables and nftables (needs root).
     Bench {
         /// Up to 10,000 Services, shorter runs (under 5 minutes).
@@ -125,6 +137,9 @@ fn main() -> anyhow::Result<()> {
                 // The benchmark must not rot: one small run, a few seconds.
                 eprintln!("== benchmark smoke run");
                 bench(false, true)?;
+                // Reuses the smoke run's release build; verifies what it writes.
+                eprintln!("== image archive");
+                image::build(None, "kproxy:dev")?;
             }
             Ok(())
         }
@@ -134,6 +149,10 @@ fn main() -> anyhow::Result<()> {
             bench(quick, smoke)
         }
         Cmd::Manifests => chart::write_manifests(),
+        Cmd::Image { output, tag } => {
+            bootstrap::run()?;
+            image::build(output, &tag).map(drop)
+        }
         Cmd::Demo => {
             require_root("demo")?;
             bootstrap::run()?;
