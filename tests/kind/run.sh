@@ -28,7 +28,7 @@ kind create cluster --name "$CLUSTER" --config tests/kind/cluster.yaml --wait 12
 # The image: an OCI archive from `cargo xtask image` when that command
 # exists (no Docker build needed), else the Dockerfile.
 if cargo xtask image --help >/dev/null 2>&1; then
-  cargo xtask image --tag "$IMAGE" --out target/kproxy-image.tar
+  cargo xtask image --tag "$IMAGE" --output target/kproxy-image.tar
   kind load image-archive target/kproxy-image.tar --name "$CLUSTER"
 else
   docker build -t "$IMAGE" -f charts/kproxy/Dockerfile .
