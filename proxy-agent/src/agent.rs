@@ -545,11 +545,7 @@ impl Agent {
         if self.metrics.node_ineligible.swap(!eligible, Ordering::Relaxed) == eligible {
             tracing::info!(node = %node_name, eligible, "node eligibility for load-balancer traffic changed (/healthz, health check ports)");
         }
-        // A port two Services claim goes to the first by namespace/name.
-        let mut ports: BTreeMap<u16, crate::healthcheck::HealthCheck> = BTreeMap::new();
-        for (port, hc) in self.health_checks.values() {
-            ports.entry(*port).or_insert_with(|| hc.clone());
-        }
+        let ports = crate::healthcheck::by_port(self.health_checks.values());
         self.health.sync(&ports, eligible);
     }
 

@@ -58,19 +58,30 @@ pub fn node_eligible(nodes: &[Node], node_name: &str) -> bool {
 /// Services claim (an API conflict) goes to the first by namespace/name.
 #[must_use]
 pub fn health_checks(services: &[Service], slices: &[EndpointSlice], node_name: &str) -> BTreeMap<u16, HealthCheck> {
-    let mut out = BTreeMap::new();
     let mut sorted: Vec<&Service> = services.iter().collect();
     sorted.sort_by(|a, b| {
         (a.metadata.namespace.as_deref(), a.metadata.name.as_deref())
             .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()))
     });
-    for svc in sorted {
-        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
-        let name = svc.metadata.name.as_deref().unwrap_or_default();
-        let mine: Vec<&EndpointSlice> = slices.iter().filter(|s| slice_belongs_to(s, ns, name)).collect();
-        if let Some((port, hc)) = health_check_of(svc, &mine, node_name) {
-            out.entry(port).or_insert(hc);
-        }
+    let checks: Vec<(u16, HealthCheck)> = sorted
+        .into_iter()
+        .filter_map(|svc| {
+            let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+            let name = svc.metadata.name.as_deref().unwrap_or_default();
+            let mine: Vec<&EndpointSlice> = slices.iter().filter(|s| slice_belongs_to(s, ns, name)).collect();
+            health_check_of(svc, &mine, node_name)
+        })
+        .collect();
+    by_port(checks.iter())
+}
+
+/// The listeners to open from per-Service health checks given in
+/// namespace/name order: a port two Services claim (an API conflict) goes
+/// to the first.
+pub fn by_port<'a>(checks: impl Iterator<Item = &'a (u16, HealthCheck)>) -> BTreeMap<u16, HealthCheck> {
+    let mut out = BTreeMap::new();
+    for (port, hc) in checks {
+        out.entry(*port).or_insert_with(|| hc.clone());
     }
     out
 }

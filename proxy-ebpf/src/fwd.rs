@@ -57,11 +57,10 @@ fn redirect_inner<const L3: usize>(ctx: &TcContext, saddr: [u8; 4], daddr: [u8; 
         return Ok(TC_ACT_SHOT);
     }
     // SAFETY: reading fields of the skb we were handed.
-    let (ifindex, len) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).len) };
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // tot_len 0: the kernel checks the MTU with is_skb_forwardable, which
     // knows GSO/GRO packets (a merged skb is larger than the MTU and must
     // not fail the lookup as FRAG_NEEDED).
-    let _ = len;
     let mut p = lookup(ifindex, saddr, daddr, proto, 0);
     // SAFETY: p is a valid bpf_fib_lookup on our stack, its size passed.
     let rc = unsafe {
