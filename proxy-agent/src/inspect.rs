@@ -397,7 +397,7 @@ pub fn services_view(snap: &Snapshot, names: &Names) -> Vec<ServiceRow> {
         .map(|(k, v)| {
             let name = names.get(&k.addr, k.port, k.proto, k.scope);
             let in_slots: BTreeSet<u32> =
-                (1..=v.count).filter_map(|slot| slots.get(&ServiceKey { slot, ..*k }).copied()).collect();
+                (1..=v.count).filter_map(|slot| slots.get(&ServiceKey::set_slot(v.svc_id, slot)).copied()).collect();
             let members: BTreeSet<u32> =
                 snap.members.iter().filter(|m| m.svc_id == v.svc_id).map(|m| m.backend_id).collect();
             let backends = in_slots
@@ -465,10 +465,9 @@ pub struct BackendRow {
 pub fn backends_view(snap: &Snapshot, names: &Names) -> Vec<BackendRow> {
     let owner_of: HashMap<u32, String> = services_view(snap, names).into_iter().map(|r| (r.svc_id, r.service)).collect();
     let mut users: HashMap<u32, BTreeSet<String>> = HashMap::new();
-    let frontend_by_key: HashMap<ServiceKey, u32> = snap.frontends().map(|(k, v)| (*k, v.svc_id)).collect();
     for (k, v) in snap.services.iter().filter(|(k, _)| k.slot != 0) {
-        if let Some(svc) = frontend_by_key.get(&ServiceKey { slot: 0, ..*k }) {
-            users.entry(v.backend_id).or_default().insert(owner_of.get(svc).cloned().unwrap_or_else(|| "?".into()));
+        if let Some(set) = k.set_id().filter(|set| owner_of.contains_key(set)) {
+            users.entry(v.backend_id).or_default().insert(owner_of[&set].clone());
         }
     }
     for m in &snap.members {
@@ -832,10 +831,10 @@ mod tests {
         Snapshot {
             services: vec![
                 (key(VIP, 80, IPPROTO_TCP, 0), ServiceValue { backend_id: 0, count: 1, flags: SVC_F_MAGLEV | SVC_F_AFFINITY, svc_id: 7, affinity_timeout_s: 60 }),
-                (key(VIP, 80, IPPROTO_TCP, 1), ServiceValue { backend_id: 1, ..Default::default() }),
+                (ServiceKey::set_slot(7, 1), ServiceValue { backend_id: 1, ..Default::default() }),
                 (key(EMPTY, 80, IPPROTO_TCP, 0), ServiceValue { svc_id: 8, ..Default::default() }),
                 (key(VIP, 53, IPPROTO_UDP, 0), ServiceValue { count: 1, svc_id: 9, ..Default::default() }),
-                (key(VIP, 53, IPPROTO_UDP, 1), ServiceValue { backend_id: 3, ..Default::default() }),
+                (ServiceKey::set_slot(9, 1), ServiceValue { backend_id: 3, ..Default::default() }),
             ],
             backends: [
                 (1, Backend { addr: v4_mapped(B1), port: 8080, proto: IPPROTO_TCP, flags: 0 }),

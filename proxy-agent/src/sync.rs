@@ -74,21 +74,6 @@ pub trait MapOps {
     fn del_src_range(&mut self, svc_id: u32, range: RangeEntry) -> Result<(), MapError>;
 }
 
-/// What a frontend looks like in the maps.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-struct Programmed {
-    value: ServiceValue,
-    /// `slots[i]` is the backend id at slot i+1 (whatever is in the map,
-    /// which may be more than `value.count` mid-update).
-    slots: Vec<u32>,
-    /// Backend ids in the membership map for this frontend.
-    members: BTreeSet<u32>,
-    /// Backend ids the programmed Maglev table was computed from.
-    maglev: Option<Vec<u32>>,
-    /// Source ranges in the LPM map for this frontend.
-    ranges: BTreeSet<RangeEntry>,
-}
-
 /// Outcome of one sync.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
@@ -123,21 +108,61 @@ impl IdAlloc {
     }
 }
 
+/// A backend set as the maps hold it: slots, members, Maglev table and
+/// source ranges under one id (`ServiceValue::svc_id` of its frontends),
+/// shared by the frontends of a Service port that serve the same endpoint
+/// list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct SetProg {
+    /// `slots[i]` is the backend id at slot i+1 (whatever is in the map,
+    /// which may be more than a frontend's count mid-update).
+    slots: Vec<u32>,
+    /// Backend ids in the membership map for this set.
+    members: BTreeSet<u32>,
+    /// Backend ids the programmed Maglev table was computed from.
+    maglev: Option<Vec<u32>>,
+    /// Source ranges in the LPM map for this set.
+    ranges: BTreeSet<RangeEntry>,
+    /// Frontends whose value names this set.
+    users: BTreeSet<ServiceKey>,
+    /// Who claimed the set in this agent's life (`None` after a restart
+    /// until a sync claims it again).
+    claim: Option<SetKey>,
+}
+
+/// Who a backend set belongs to: a Service port (owner), which of its
+/// endpoint lists, and, only when frontends of one list disagree (which
+/// translation never produces), the one frontend it is private to.
+type SetKey = (String, u8, Option<ServiceKey>);
+
+/// The backend ids a set refers to (slots and members).
+fn referenced(p: &SetProg) -> BTreeSet<u32> {
+    p.slots.iter().chain(p.members.iter()).copied().collect()
+}
+
 pub struct SyncEngine<M: MapOps> {
     maps: M,
-    /// Maglev tables computed during the current sync, by backend set: the
-    /// frontends of one Service port (ClusterIP, NodePorts, external IPs)
-    /// share their set, and so their table.
+    /// Maglev tables computed during the current sync, by backend list:
+    /// sets with the same backends (a Service port's sets often are) share
+    /// a computation.
     tables: HashMap<Vec<u32>, Box<MaglevTable>>,
-    frontends: BTreeMap<ServiceKey, Programmed>,
+    /// Programmed frontends (slot 0 values).
+    frontends: BTreeMap<ServiceKey, ServiceValue>,
+    /// Programmed backend sets by id.
+    sets: HashMap<u32, SetProg>,
+    /// Claimed sets by who claimed them.
+    set_ids: HashMap<SetKey, u32>,
+    /// Backend slots of the earlier layout (one copy per frontend, keyed by
+    /// the frontend's address), deleted after the first full sync.
+    legacy: Vec<ServiceKey>,
     backend_ids: HashMap<Backend, u32>,
     backends: BTreeMap<u32, Backend>,
     vips: BTreeMap<[u8; 16], VipValue>,
     backend_alloc: IdAlloc,
     svc_alloc: IdAlloc,
     maglev: bool,
-    /// Backend id -> number of programmed frontends whose slots or members
-    /// name it; a backend lives while its count is above zero.
+    /// Backend id -> number of programmed sets whose slots or members name
+    /// it; a backend lives while its count is above zero.
     refs: HashMap<u32, u32>,
     /// Backends whose count fell to zero (or that were never referenced):
     /// deleted at the end of the sync unless referenced again.
@@ -145,13 +170,6 @@ pub struct SyncEngine<M: MapOps> {
     /// ClientIP affinity group per Service port (owner), shared by its
     /// frontends.
     groups: HashMap<String, u32>,
-    /// Entries of the services map the mirror holds (frontends plus slots).
-    entries: usize,
-}
-
-/// The backend ids a programmed frontend refers to (slots and members).
-fn referenced(p: &Programmed) -> BTreeSet<u32> {
-    p.slots.iter().chain(p.members.iter()).copied().collect()
 }
 
 /// The map key of a frontend (slot 0).
@@ -189,65 +207,85 @@ fn backend_value(b: &BackendAddr, proto: u8) -> Backend {
 
 /// What the maps hold, as the engine mirrors it.
 struct State {
-    frontends: BTreeMap<ServiceKey, Programmed>,
+    frontends: BTreeMap<ServiceKey, ServiceValue>,
+    sets: HashMap<u32, SetProg>,
     backends: BTreeMap<u32, Backend>,
     vips: BTreeMap<[u8; 16], VipValue>,
+    /// Set slots after a gap (a reader never reaches them).
     orphans: Vec<ServiceKey>,
-    stale_members: Vec<MemberKey>,
-    stale_ranges: Vec<(u32, RangeEntry)>,
+    legacy: Vec<ServiceKey>,
     max_svc_id: u32,
     max_backend_id: u32,
 }
 
 fn read_state<M: MapOps>(maps: &M) -> Result<State, MapError> {
-    let mut frontends: BTreeMap<ServiceKey, Programmed> = BTreeMap::new();
-    let mut slot_entries: Vec<(ServiceKey, ServiceValue)> = Vec::new();
+    let mut frontends: BTreeMap<ServiceKey, ServiceValue> = BTreeMap::new();
+    let mut slot_entries: Vec<(u32, u16, u32, ServiceKey)> = Vec::new();
+    let mut legacy = Vec::new();
     let mut max_svc_id = 0;
     for (k, v) in maps.services()? {
-        if k.slot == 0 {
+        if let Some(set) = k.set_id() {
+            slot_entries.push((set, k.slot, v.backend_id, k));
+        } else if k.slot == 0 {
             // Slot 0's backend_id is its affinity group, from the same ids.
             max_svc_id = max_svc_id.max(v.svc_id).max(v.backend_id);
-            frontends.entry(k).or_default().value = v;
+            frontends.insert(k, v);
         } else {
-            slot_entries.push((k, v));
+            legacy.push(k);
         }
     }
-    slot_entries.sort_by_key(|(k, _)| k.slot);
+    let mut sets: HashMap<u32, SetProg> = HashMap::new();
+    for (k, v) in &frontends {
+        let set = sets.entry(v.svc_id).or_default();
+        set.users.insert(*k);
+        // A table is trusted only if a frontend says it has one; it is
+        // recomputed on the first sync anyway (the ids are unknown here).
+        if v.flags & SVC_F_MAGLEV != 0 {
+            set.maglev = Some(Vec::new());
+        }
+    }
+    slot_entries.sort_unstable();
     let mut orphans = Vec::new();
-    for (k, v) in slot_entries {
-        let fk = ServiceKey { slot: 0, ..k };
-        match frontends.get_mut(&fk) {
-            Some(p) if p.slots.len() + 1 == usize::from(k.slot) => p.slots.push(v.backend_id),
-            _ => orphans.push(k),
+    for (id, slot, backend, k) in slot_entries {
+        max_svc_id = max_svc_id.max(id);
+        let set = sets.entry(id).or_default();
+        if set.slots.len() + 1 == usize::from(slot) {
+            set.slots.push(backend);
+        } else {
+            orphans.push(k);
         }
     }
-    let by_svc: HashMap<u32, ServiceKey> = frontends.iter().map(|(k, p)| (p.value.svc_id, *k)).collect();
-    let mut stale_members = Vec::new();
-    let mut stale_ranges = Vec::new();
     for m in maps.members()? {
-        match by_svc.get(&m.svc_id).and_then(|k| frontends.get_mut(k)) {
-            Some(p) => {
-                p.members.insert(m.backend_id);
-            }
-            None => stale_members.push(m),
-        }
+        max_svc_id = max_svc_id.max(m.svc_id);
+        sets.entry(m.svc_id).or_default().members.insert(m.backend_id);
     }
     for (svc_id, range) in maps.src_ranges()? {
-        if let Some(p) = by_svc.get(&svc_id).and_then(|k| frontends.get_mut(k)) {
-            p.ranges.insert(range);
-        } else {
-            stale_ranges.push((svc_id, range));
-        }
-    }
-    for p in frontends.values_mut() {
-        // A table is trusted only if the frontend says it has one; it is
-        // recomputed on the first sync anyway (the ids are unknown here).
-        p.maglev = (p.value.flags & SVC_F_MAGLEV != 0).then(Vec::new);
+        max_svc_id = max_svc_id.max(svc_id);
+        sets.entry(svc_id).or_default().ranges.insert(range);
     }
     let backends: BTreeMap<u32, Backend> = maps.backends()?.into_iter().collect();
     let max_backend_id = backends.keys().next_back().copied().unwrap_or(0);
     let vips = maps.vips()?.into_iter().collect();
-    Ok(State { frontends, backends, vips, orphans, stale_members, stale_ranges, max_svc_id, max_backend_id })
+    Ok(State { frontends, sets, backends, vips, orphans, legacy, max_svc_id, max_backend_id })
+}
+
+/// A Service port's frontends resolved for one sync: its backend sets with
+/// their desired contents, and which frontends use which.
+struct OwnerPlan<'a> {
+    owner: &'a str,
+    sets: Vec<SetPlan>,
+    /// (frontend key, frontend, index in `sets`)
+    items: Vec<(ServiceKey, &'a Frontend, usize)>,
+}
+
+struct SetPlan {
+    key: SetKey,
+    id: u32,
+    ids: Vec<u32>,
+    ranges: BTreeSet<RangeEntry>,
+    /// The set's Maglev table matches `ids` after the grow step.
+    table: bool,
+    failed: bool,
 }
 
 impl<M: MapOps> SyncEngine<M> {
@@ -265,6 +303,9 @@ impl<M: MapOps> SyncEngine<M> {
             maps,
             tables: HashMap::new(),
             frontends: BTreeMap::new(),
+            sets: HashMap::new(),
+            set_ids: HashMap::new(),
+            legacy: Vec::new(),
             backend_ids: HashMap::new(),
             backends: BTreeMap::new(),
             vips: BTreeMap::new(),
@@ -274,7 +315,6 @@ impl<M: MapOps> SyncEngine<M> {
             refs: HashMap::new(),
             unreferenced: BTreeSet::new(),
             groups: HashMap::new(),
-            entries: 0,
         };
         engine.install(st)?;
         Ok(engine)
@@ -283,15 +323,15 @@ impl<M: MapOps> SyncEngine<M> {
     /// Re-reads the mirror from the maps (a periodic full resync): the next
     /// [`SyncEngine::sync`] then repairs whatever changed behind the agent's
     /// back (an entry deleted or rewritten by hand, a write that was lost).
-    /// Maglev tables are trusted where the frontend is as the mirror had it.
+    /// Maglev tables are trusted where the set is as the mirror had it.
     pub fn reload(&mut self) -> Result<(), MapError> {
         let mut st = read_state(&self.maps)?;
-        for (k, p) in &mut st.frontends {
-            if let Some(old) = self.frontends.get(k)
-                && old.value == p.value
-                && old.slots == p.slots
-            {
-                p.maglev.clone_from(&old.maglev);
+        for (id, set) in &mut st.sets {
+            if let Some(old) = self.sets.get(id) {
+                if old.slots == set.slots && set.maglev.is_some() {
+                    set.maglev.clone_from(&old.maglev);
+                }
+                set.claim.clone_from(&old.claim);
             }
         }
         self.backend_alloc.next = self.backend_alloc.next.max(st.max_backend_id + 1);
@@ -301,27 +341,35 @@ impl<M: MapOps> SyncEngine<M> {
 
     fn install(&mut self, st: State) -> Result<(), MapError> {
         self.frontends = st.frontends;
+        self.sets = st.sets;
+        self.set_ids = self.sets.iter().filter_map(|(id, s)| Some((s.claim.clone()?, *id))).collect();
+        self.legacy = st.legacy;
         self.backend_ids = st.backends.iter().map(|(id, b)| (*b, *id)).collect();
         self.backends = st.backends;
         self.vips = st.vips;
         self.refs.clear();
-        for p in self.frontends.values() {
-            for id in referenced(p) {
+        for set in self.sets.values() {
+            for id in referenced(set) {
                 *self.refs.entry(id).or_default() += 1;
             }
         }
         self.unreferenced = self.backends.keys().filter(|id| !self.refs.contains_key(id)).copied().collect();
-        self.entries = self.frontends.values().map(|p| 1 + p.slots.len()).sum();
-        // Slots with no frontend or a gap before them, and members of no
-        // frontend, are leftovers of an interrupted write; nothing reaches them.
+        // Slots after a gap, and sets no frontend names, are leftovers of
+        // an interrupted write; nothing reaches them. (A set this agent
+        // claimed stays for the next sync to refill: a reload after a
+        // frontend was deleted by hand.)
         for k in st.orphans {
             self.maps.del_service(k)?;
         }
-        for m in st.stale_members {
-            self.maps.del_member(m)?;
-        }
-        for (svc_id, r) in st.stale_ranges {
-            self.maps.del_src_range(svc_id, r)?;
+        let unused: Vec<u32> =
+            self.sets.iter().filter(|(_, s)| s.users.is_empty() && s.claim.is_none()).map(|(id, _)| *id).collect();
+        for id in unused {
+            if let Some(set) = self.sets.get_mut(&id) {
+                // A table may be left without a frontend flagging it.
+                set.maglev.get_or_insert_with(Vec::new);
+            }
+            let mut report = SyncReport::default();
+            self.remove_set(id, &mut report)?;
         }
         Ok(())
     }
@@ -339,16 +387,22 @@ impl<M: MapOps> SyncEngine<M> {
         &mut self.maps
     }
 
-    /// Entries the services map holds (frontends plus their slots).
+    /// Entries the services map holds (frontends plus set slots).
     #[must_use]
     pub fn service_entries(&self) -> usize {
-        self.entries
+        self.frontends.len() + self.sets.values().map(|s| s.slots.len()).sum::<usize>()
     }
 
     /// Number of programmed frontends and backends.
     #[must_use]
     pub fn counts(&self) -> (usize, usize) {
         (self.frontends.len(), self.backends.len())
+    }
+
+    /// Number of programmed backend sets.
+    #[must_use]
+    pub fn set_count(&self) -> usize {
+        self.sets.len()
     }
 
     /// Brings the maps to `desired`, writing only the difference (the full
@@ -386,20 +440,20 @@ impl<M: MapOps> SyncEngine<M> {
         for (key, fe) in &wanted {
             if fe.affinity_timeout_s.is_some()
                 && !self.groups.contains_key(&fe.owner)
-                && let Some(p) = self.frontends.get(key)
-                && p.value.backend_id != 0
-                && prev.get(&p.value.backend_id).is_none_or(|o| *o == fe.owner)
-                && taken.insert(p.value.backend_id)
+                && let Some(v) = self.frontends.get(key)
+                && v.backend_id != 0
+                && prev.get(&v.backend_id).is_none_or(|o| *o == fe.owner)
+                && taken.insert(v.backend_id)
             {
-                self.groups.insert(fe.owner.clone(), p.value.backend_id);
+                self.groups.insert(fe.owner.clone(), v.backend_id);
             }
         }
-        // Frontends: add or update, a Service port's frontends together, so
-        // its Maglev table is computed once and only a few are held.
-        let mut order: Vec<(&ServiceKey, &&Frontend)> = wanted.iter().collect();
-        order.sort_by(|a, b| a.1.owner.cmp(&b.1.owner).then(a.0.cmp(b.0)));
-        for (key, fe) in order {
-            self.add_or_update(*key, fe, &mut report);
+        // Frontends: a Service port's together, so its sets are written
+        // once and its Maglev table computed once.
+        let mut order: Vec<(ServiceKey, &Frontend)> = wanted.iter().map(|(k, f)| (*k, *f)).collect();
+        order.sort_by(|a, b| a.1.owner.cmp(&b.1.owner).then(a.0.cmp(&b.0)));
+        for chunk in order.chunk_by(|a, b| a.1.owner == b.1.owner) {
+            self.sync_owner(chunk, &mut report);
         }
         // Backends nothing refers to any more (after the updates).
         self.delete_unused_backends(|_| false, &mut report);
@@ -407,6 +461,16 @@ impl<M: MapOps> SyncEngine<M> {
         let gone: Vec<[u8; 16]> = self.vips.keys().filter(|a| !wanted_vips.contains_key(*a)).copied().collect();
         for addr in gone {
             self.del_vip_if_unused(addr, &mut report);
+        }
+        // The earlier layout's per-frontend slots: no program reads them now.
+        for k in std::mem::take(&mut self.legacy) {
+            match self.maps.del_service(k) {
+                Ok(()) => report.deletes += 1,
+                Err(e) => {
+                    report.failed.push((format!("{k:?}"), e.to_string()));
+                    self.legacy.push(k);
+                }
+            }
         }
         self.tables.clear();
         report.frontends = self.frontends.len();
@@ -440,10 +504,11 @@ impl<M: MapOps> SyncEngine<M> {
             .flat_map(|(a, fe)| fe.backends.iter().map(|b| backend_value(b, a.proto.number())))
             .collect();
         self.delete_unused_backends(|b| wanted_backends.contains(b), &mut report);
-        for (addr, fe) in frontends {
-            if let Some(fe) = fe {
-                self.add_or_update(frontend_key(addr), fe, &mut report);
-            }
+        let mut order: Vec<(ServiceKey, &Frontend)> =
+            frontends.iter().filter_map(|(a, fe)| Some((frontend_key(a), (*fe)?))).collect();
+        order.sort_by(|a, b| a.1.owner.cmp(&b.1.owner).then(a.0.cmp(&b.0)));
+        for chunk in order.chunk_by(|a, b| a.1.owner == b.1.owner) {
+            self.sync_owner(chunk, &mut report);
         }
         self.delete_unused_backends(|_| false, &mut report);
         for (ip, flags) in vips {
@@ -489,30 +554,6 @@ impl<M: MapOps> SyncEngine<M> {
         }
     }
 
-    /// Programs one frontend, with its Service port's affinity group.
-    fn add_or_update(&mut self, key: ServiceKey, fe: &Frontend, report: &mut SyncReport) {
-        let group = if fe.affinity_timeout_s.is_some() {
-            match self.groups.get(fe.owner.as_str()).copied() {
-                Some(g) => g,
-                None => match self.svc_alloc.take(&mut self.maps) {
-                    Ok(g) => g,
-                    Err(e) => {
-                        report.failed.push((fe.owner.clone(), e.to_string()));
-                        return;
-                    }
-                },
-            }
-        } else {
-            0
-        };
-        if group != 0 {
-            self.groups.insert(fe.owner.clone(), group);
-        }
-        if let Err(e) = self.sync_frontend(key, fe, group, report) {
-            report.failed.push((fe.owner.clone(), e.to_string()));
-        }
-    }
-
     /// Deletes backends no programmed slot refers to, except those `keep`
     /// says a frontend about to be written wants.
     fn delete_unused_backends(&mut self, keep: impl Fn(&Backend) -> bool, report: &mut SyncReport) {
@@ -555,180 +596,178 @@ impl<M: MapOps> SyncEngine<M> {
         Ok(id)
     }
 
-    fn sync_frontend(&mut self, key: ServiceKey, fe: &Frontend, affinity_group: u32, report: &mut SyncReport) -> Result<(), MapError> {
-        if fe.backends.len() > MAX_BACKENDS_PER_FRONTEND {
-            return Err(MapError::TooManyBackends { count: fe.backends.len(), limit: MAX_BACKENDS_PER_FRONTEND });
-        }
-        let mut ids = Vec::with_capacity(fe.backends.len());
-        for b in &fe.backends {
-            ids.push(self.backend_id(backend_value(b, key.proto), report)?);
-        }
-        let current = self.frontends.get(&key);
-        let svc_id = match current {
-            Some(p) if p.value.svc_id != 0 => p.value.svc_id,
-            _ => self.svc_alloc.take(&mut self.maps)?,
+    /// Programs the frontends of one Service port (`items`, all of one
+    /// owner): backends, then each backend set grown (members, ranges,
+    /// slots, Maglev table), then the frontends' values, then each set
+    /// shrunk to what its frontends can still reach.
+    fn sync_owner(&mut self, items: &[(ServiceKey, &Frontend)], report: &mut SyncReport) {
+        let Some(plan) = self.plan_owner(items, report) else { return };
+        let group = if plan.items.iter().any(|(_, fe, _)| fe.affinity_timeout_s.is_some()) {
+            match self.groups.get(plan.owner).copied() {
+                Some(g) => g,
+                None => match self.svc_alloc.take(&mut self.maps) {
+                    Ok(g) => {
+                        self.groups.insert(plan.owner.to_owned(), g);
+                        g
+                    }
+                    Err(e) => {
+                        report.failed.push((plan.owner.to_owned(), e.to_string()));
+                        return;
+                    }
+                },
+            }
+        } else {
+            0
         };
-        let want_maglev = self.maglev && !ids.is_empty();
-        let ranges = range_entries(fe);
-        let mut value = ServiceValue {
-            backend_id: affinity_group,
-            count: ids.len() as u16,
-            flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 }
-                | if fe.drop_when_empty { SVC_F_DROP_EMPTY } else { 0 }
-                | if fe.two_scopes { SVC_F_TWO_SCOPES } else { 0 }
-                | if fe.source_ranges.is_some() { SVC_F_SOURCE_RANGES } else { 0 },
-            svc_id,
-            affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
-        };
-        if want_maglev {
-            value.flags |= SVC_F_MAGLEV;
+        let mut sets = plan.sets;
+        for sp in &mut sets {
+            if let Err(e) = self.grow_set(sp, plan.owner, report) {
+                report.failed.push((plan.owner.to_owned(), e.to_string()));
+                sp.failed = true;
+            }
         }
-        // The common case on a large cluster: nothing changed; no copy.
-        if current.is_some_and(|p| {
-            p.value == value
-                && p.slots == ids
-                && p.members.len() == ids.len()
-                && ids.iter().all(|id| p.members.contains(id))
-                && (!want_maglev || p.maglev.as_ref() == Some(&ids))
-                && p.ranges == ranges
-        }) {
-            return Ok(());
-        }
-        let is_new = current.is_none();
-        let mut prog = current.cloned().unwrap_or_default();
-        prog.value.svc_id = svc_id;
-        // Members first: a flow may only stay on, or be sent to, a backend
-        // the frontend has.
-        for id in &ids {
-            if prog.members.contains(id) {
+        let mut left: BTreeSet<u32> = BTreeSet::new();
+        for (key, fe, si) in &plan.items {
+            let sp = &sets[*si];
+            if sp.failed {
                 continue;
             }
-            if let Err(e) = self.maps.put_member(MemberKey { svc_id, backend_id: *id }) {
-                self.store(key, prog, is_new);
-                return Err(e);
-            }
-            report.writes += 1;
-            prog.members.insert(*id);
-        }
-        // New source ranges before the frontend can require them.
-        let new_ranges: Vec<RangeEntry> = ranges.difference(&prog.ranges).copied().collect();
-        for r in &new_ranges {
-            if let Err(e) = self.maps.put_src_range(svc_id, *r) {
-                self.store(key, prog, is_new);
-                return Err(e);
-            }
-            report.writes += 1;
-            prog.ranges.insert(*r);
-        }
-        // Then slots. Readers use the old count meanwhile; every slot they
-        // can reach holds a backend that exists.
-        for (i, id) in ids.iter().enumerate() {
-            if prog.slots.get(i) == Some(id) {
+            let value = ServiceValue {
+                backend_id: if fe.affinity_timeout_s.is_some() { group } else { 0 },
+                count: sp.ids.len() as u16,
+                flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 }
+                    | if fe.drop_when_empty { SVC_F_DROP_EMPTY } else { 0 }
+                    | if fe.two_scopes { SVC_F_TWO_SCOPES } else { 0 }
+                    | if fe.source_ranges.is_some() { SVC_F_SOURCE_RANGES } else { 0 }
+                    | if sp.table { SVC_F_MAGLEV } else { 0 },
+                svc_id: sp.id,
+                affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
+            };
+            let old = self.frontends.get(key).copied();
+            if old == Some(value) {
                 continue;
             }
-            let slot_key = ServiceKey { slot: (i + 1) as u16, ..key };
-            let r = self.maps.put_service(slot_key, ServiceValue { backend_id: *id, ..Default::default() });
+            if let Err(e) = self.maps.put_service(*key, value) {
+                report.failed.push((fe.owner.clone(), e.to_string()));
+                continue;
+            }
+            report.writes += 1;
+            self.frontends.insert(*key, value);
+            if let Some(old) = old
+                && old.svc_id != sp.id
+                && let Some(s) = self.sets.get_mut(&old.svc_id)
+            {
+                s.users.remove(key);
+                left.insert(old.svc_id);
+            }
+            self.sets.entry(sp.id).or_default().users.insert(*key);
+        }
+        for sp in sets.iter().filter(|sp| !sp.failed) {
+            if let Err(e) = self.shrink_set(sp.id, sp.ids.len(), Some(&sp.ranges), report) {
+                report.failed.push((plan.owner.to_owned(), e.to_string()));
+            }
+        }
+        // Sets frontends left (for another set, perhaps another owner's):
+        // gone with their last frontend, otherwise shrunk to what the rest
+        // still reach; and new sets whose frontends all failed.
+        left.extend(sets.iter().map(|sp| sp.id));
+        for id in left {
+            let r = match self.sets.get(&id) {
+                Some(s) if s.users.is_empty() => self.remove_set(id, report),
+                Some(_) if !sets.iter().any(|sp| sp.id == id) => self.shrink_set(id, 0, None, report),
+                _ => Ok(()),
+            };
             if let Err(e) = r {
-                self.store(key, prog, is_new);
-                return Err(e);
-            }
-            report.writes += 1;
-            if i < prog.slots.len() {
-                prog.slots[i] = *id;
-            } else {
-                prog.slots.push(*id);
+                report.failed.push((plan.owner.to_owned(), e.to_string()));
             }
         }
-        // The Maglev table, written whole (readers see the old or the new one).
-        if want_maglev && prog.maglev.as_ref() != Some(&ids) {
-            if !self.tables.contains_key(&ids) {
-                if self.tables.len() >= 16 {
-                    self.tables.clear();
-                }
-                let pairs: Vec<(u32, Backend)> = ids.iter().map(|id| (*id, self.backends[id])).collect();
-                self.tables.insert(ids.clone(), Box::new(crate::maglev::table(&pairs)));
-            }
-            match self.maps.put_maglev(svc_id, &self.tables[&ids]) {
-                Ok(()) => {
-                    report.writes += 1;
-                    prog.maglev = Some(ids.clone());
-                }
-                Err(e) => {
-                    // Random choice still works; say why the table is missing.
-                    report.failed.push((fe.owner.clone(), format!("Maglev table: {e}; choosing backends at random")));
-                    value.flags &= !SVC_F_MAGLEV;
-                    prog.maglev = None;
-                }
-            }
-        }
-        // Then the count: from here on readers see exactly the new set.
-        if is_new || prog.value != value {
-            if let Err(e) = self.maps.put_service(key, value) {
-                self.store(key, prog, is_new);
-                return Err(e);
-            }
-            report.writes += 1;
-            prog.value = value;
-        }
-        // Then what no reader can reach any more: surplus slots, a table the
-        // frontend no longer uses, members that left.
-        while prog.slots.len() > ids.len() {
-            let slot_key = ServiceKey { slot: prog.slots.len() as u16, ..key };
-            if let Err(e) = self.maps.del_service(slot_key) {
-                self.set_prog(key, prog);
-                return Err(e);
-            }
-            report.deletes += 1;
-            prog.slots.pop();
-        }
-        if value.flags & SVC_F_MAGLEV == 0 && prog.maglev.is_some() {
-            if let Err(e) = self.maps.del_maglev(svc_id) {
-                self.set_prog(key, prog);
-                return Err(e);
-            }
-            report.deletes += 1;
-            prog.maglev = None;
-        }
-        let old_ranges: Vec<RangeEntry> = prog.ranges.difference(&ranges).copied().collect();
-        for r in old_ranges {
-            if let Err(e) = self.maps.del_src_range(svc_id, r) {
-                self.set_prog(key, prog);
-                return Err(e);
-            }
-            report.deletes += 1;
-            prog.ranges.remove(&r);
-        }
-        let keep: BTreeSet<u32> = ids.iter().copied().collect();
-        let leaving: Vec<u32> = prog.members.difference(&keep).copied().collect();
-        for id in leaving {
-            if let Err(e) = self.maps.del_member(MemberKey { svc_id, backend_id: id }) {
-                self.set_prog(key, prog);
-                return Err(e);
-            }
-            report.deletes += 1;
-            prog.members.remove(&id);
-        }
-        self.set_prog(key, prog);
-        Ok(())
     }
 
-    /// Stores a frontend's programmed state, moving the backend reference
-    /// counts from what it referred to before to what it refers to now.
-    fn set_prog(&mut self, key: ServiceKey, prog: Programmed) {
-        let now = referenced(&prog);
-        self.entries += 1 + prog.slots.len();
-        let before = match self.frontends.insert(key, prog) {
-            Some(p) => {
-                self.entries -= 1 + p.slots.len();
-                referenced(&p)
+    /// Backend ids, set keys and set ids for one owner's frontends.
+    fn plan_owner<'a>(&mut self, items: &[(ServiceKey, &'a Frontend)], report: &mut SyncReport) -> Option<OwnerPlan<'a>> {
+        let owner: &'a str = &items.first()?.1.owner;
+        let mut plan = OwnerPlan { owner, sets: Vec::new(), items: Vec::new() };
+        for (key, fe) in items {
+            if fe.backends.len() > MAX_BACKENDS_PER_FRONTEND {
+                let e = MapError::TooManyBackends { count: fe.backends.len(), limit: MAX_BACKENDS_PER_FRONTEND };
+                report.failed.push((fe.owner.clone(), e.to_string()));
+                continue;
             }
-            None => BTreeSet::new(),
-        };
-        for id in now.difference(&before) {
-            *self.refs.entry(*id).or_default() += 1;
+            let mut ids = Vec::with_capacity(fe.backends.len());
+            let mut err = None;
+            for b in &fe.backends {
+                match self.backend_id(backend_value(b, key.proto), report) {
+                    Ok(id) => ids.push(id),
+                    Err(e) => {
+                        err = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = err {
+                report.failed.push((fe.owner.clone(), e.to_string()));
+                continue;
+            }
+            let mut sk: SetKey = (owner.to_owned(), fe.list.number(), None);
+            let si = match plan.sets.iter().position(|s| s.key == sk) {
+                Some(i) if plan.sets[i].ids == ids => i,
+                found => {
+                    if found.is_some() {
+                        // Same list, other backends: a set of its own.
+                        sk.2 = Some(*key);
+                    }
+                    plan.sets.push(SetPlan { key: sk, id: 0, ids, ranges: BTreeSet::new(), table: false, failed: false });
+                    plan.sets.len() - 1
+                }
+            };
+            plan.sets[si].ranges.extend(range_entries(fe));
+            plan.items.push((*key, *fe, si));
         }
-        for id in before.difference(&now) {
-            self.unref(*id);
+        for si in 0..plan.sets.len() {
+            let key = plan.sets[si].key.clone();
+            let users: BTreeSet<ServiceKey> = plan.items.iter().filter(|(_, _, i)| *i == si).map(|(k, _, _)| *k).collect();
+            let id = match self.set_ids.get(&key) {
+                Some(id) if self.sets.contains_key(id) => Some(*id),
+                _ => {
+                    // After a restart: the set these frontends already share,
+                    // if no one else uses it.
+                    let adopt = users.iter().filter_map(|k| self.frontends.get(k)).map(|v| v.svc_id).find(|id| {
+                        self.sets.get(id).is_some_and(|s| s.claim.is_none() && s.users.is_subset(&users))
+                    });
+                    match adopt {
+                        Some(id) => Some(id),
+                        None => match self.svc_alloc.take(&mut self.maps) {
+                            Ok(id) => Some(id),
+                            Err(e) => {
+                                report.failed.push((owner.to_owned(), e.to_string()));
+                                None
+                            }
+                        },
+                    }
+                }
+            };
+            match id {
+                Some(id) => {
+                    self.sets.entry(id).or_default().claim = Some(key.clone());
+                    self.set_ids.insert(key, id);
+                    plan.sets[si].id = id;
+                }
+                None => plan.sets[si].failed = true,
+            }
+        }
+        Some(plan)
+    }
+
+    /// Stores a set's programmed state, moving the backend reference counts
+    /// from what it referred to before to what it refers to now.
+    fn store_set(&mut self, id: u32, set: SetProg) {
+        let now = referenced(&set);
+        let before = self.sets.insert(id, set).map(|s| referenced(&s)).unwrap_or_default();
+        for b in now.difference(&before) {
+            *self.refs.entry(*b).or_default() += 1;
+        }
+        for b in before.difference(&now) {
+            self.unref(*b);
         }
     }
 
@@ -742,82 +781,200 @@ impl<M: MapOps> SyncEngine<M> {
         }
     }
 
-    /// Keeps the mirror exact after a partial write. A new frontend whose
-    /// slot 0 was never written is not programmed: what was written for it
-    /// is removed again (its id stays retired).
-    fn store(&mut self, key: ServiceKey, prog: Programmed, is_new: bool) {
-        if !is_new {
-            self.set_prog(key, prog);
-            return;
+    /// Writes what a set gains: members (a flow may only stay on, or be
+    /// sent to, a backend the set has), source ranges, slots (readers use
+    /// their frontend's old count meanwhile; every slot they can reach
+    /// holds a backend that exists), then the Maglev table, written whole.
+    fn grow_set(&mut self, sp: &mut SetPlan, owner: &str, report: &mut SyncReport) -> Result<(), MapError> {
+        if sp.failed {
+            return Ok(());
         }
-        for i in (1..=prog.slots.len()).rev() {
-            let _ = self.maps.del_service(ServiceKey { slot: i as u16, ..key });
+        let want_maglev = self.maglev && !sp.ids.is_empty();
+        let cur = self.sets.get(&sp.id);
+        if let Some(s) = cur
+            && sp.ids.iter().all(|id| s.members.contains(id))
+            && sp.ranges.is_subset(&s.ranges)
+            && s.slots.len() >= sp.ids.len()
+            && s.slots[..sp.ids.len()] == sp.ids[..]
+            && (!want_maglev || s.maglev.as_ref() == Some(&sp.ids))
+        {
+            sp.table = want_maglev;
+            return Ok(());
         }
-        if prog.maglev.is_some() {
-            let _ = self.maps.del_maglev(prog.value.svc_id);
+        let mut set = cur.cloned().unwrap_or_default();
+        let id = sp.id;
+        let r = (|| {
+            for b in &sp.ids {
+                if !set.members.contains(b) {
+                    self.maps.put_member(MemberKey { svc_id: id, backend_id: *b })?;
+                    report.writes += 1;
+                    set.members.insert(*b);
+                }
+            }
+            for r in sp.ranges.difference(&set.ranges.clone()) {
+                self.maps.put_src_range(id, *r)?;
+                report.writes += 1;
+                set.ranges.insert(*r);
+            }
+            for (i, b) in sp.ids.iter().enumerate() {
+                if set.slots.get(i) == Some(b) {
+                    continue;
+                }
+                self.maps.put_service(ServiceKey::set_slot(id, (i + 1) as u16), ServiceValue { backend_id: *b, ..Default::default() })?;
+                report.writes += 1;
+                if i < set.slots.len() {
+                    set.slots[i] = *b;
+                } else {
+                    set.slots.push(*b);
+                }
+            }
+            Ok::<(), MapError>(())
+        })();
+        if let Err(e) = r {
+            self.store_set(id, set);
+            return Err(e);
         }
-        for id in prog.members {
-            let _ = self.maps.del_member(MemberKey { svc_id: prog.value.svc_id, backend_id: id });
+        if want_maglev && set.maglev.as_ref() != Some(&sp.ids) {
+            if !self.tables.contains_key(&sp.ids) {
+                if self.tables.len() >= 16 {
+                    self.tables.clear();
+                }
+                let pairs: Vec<(u32, Backend)> = sp.ids.iter().map(|id| (*id, self.backends[id])).collect();
+                self.tables.insert(sp.ids.clone(), Box::new(crate::maglev::table(&pairs)));
+            }
+            match self.maps.put_maglev(id, &self.tables[&sp.ids]) {
+                Ok(()) => {
+                    report.writes += 1;
+                    set.maglev = Some(sp.ids.clone());
+                }
+                Err(e) => {
+                    // Random choice still works; say why the table is missing.
+                    report.failed.push((owner.to_owned(), format!("Maglev table: {e}; choosing backends at random")));
+                }
+            }
         }
-        for r in prog.ranges {
-            let _ = self.maps.del_src_range(prog.value.svc_id, r);
+        sp.table = want_maglev && set.maglev.as_ref() == Some(&sp.ids);
+        self.store_set(id, set);
+        Ok(())
+    }
+
+    /// Deletes what no frontend of the set can reach any more: slots past
+    /// the largest count its frontends hold (and past `min_len`), a table
+    /// none of them uses, ranges not in `ranges` (`None`: kept while a
+    /// frontend checks ranges), members no kept slot names.
+    fn shrink_set(&mut self, id: u32, min_len: usize, ranges: Option<&BTreeSet<RangeEntry>>, report: &mut SyncReport) -> Result<(), MapError> {
+        let Some(cur) = self.sets.get(&id) else { return Ok(()) };
+        let users: Vec<ServiceValue> = cur.users.iter().filter_map(|k| self.frontends.get(k)).copied().collect();
+        let keep_len = users.iter().map(|v| usize::from(v.count)).max().unwrap_or(0).max(min_len).min(cur.slots.len());
+        let table_used = users.iter().any(|v| v.flags & SVC_F_MAGLEV != 0);
+        let ranges_used = users.iter().any(|v| v.flags & SVC_F_SOURCE_RANGES != 0);
+        let keep_ranges: BTreeSet<RangeEntry> = match ranges {
+            Some(r) => r.clone(),
+            None if ranges_used => cur.ranges.clone(),
+            None => BTreeSet::new(),
+        };
+        let keep_members: BTreeSet<u32> = cur.slots[..keep_len].iter().copied().collect();
+        if cur.slots.len() == keep_len
+            && (table_used || cur.maglev.is_none())
+            && cur.members.is_subset(&keep_members)
+            && cur.ranges.is_subset(&keep_ranges)
+        {
+            return Ok(());
         }
+        let mut set = cur.clone();
+        let r = (|| {
+            while set.slots.len() > keep_len {
+                self.maps.del_service(ServiceKey::set_slot(id, set.slots.len() as u16))?;
+                report.deletes += 1;
+                set.slots.pop();
+            }
+            if !table_used && set.maglev.is_some() {
+                self.maps.del_maglev(id)?;
+                report.deletes += 1;
+                set.maglev = None;
+            }
+            for r in set.ranges.difference(&keep_ranges).copied().collect::<Vec<_>>() {
+                self.maps.del_src_range(id, r)?;
+                report.deletes += 1;
+                set.ranges.remove(&r);
+            }
+            for b in set.members.difference(&keep_members).copied().collect::<Vec<_>>() {
+                self.maps.del_member(MemberKey { svc_id: id, backend_id: b })?;
+                report.deletes += 1;
+                set.members.remove(&b);
+            }
+            Ok::<(), MapError>(())
+        })();
+        self.store_set(id, set);
+        r
+    }
+
+    /// Deletes a set no frontend names: slots from the last, its table,
+    /// members, ranges. What fails stays in the mirror for a later sync.
+    fn remove_set(&mut self, id: u32, report: &mut SyncReport) -> Result<(), MapError> {
+        let Some(cur) = self.sets.get(&id) else { return Ok(()) };
+        let mut set = cur.clone();
+        let r = (|| {
+            while !set.slots.is_empty() {
+                self.maps.del_service(ServiceKey::set_slot(id, set.slots.len() as u16))?;
+                report.deletes += 1;
+                set.slots.pop();
+            }
+            if set.maglev.is_some() {
+                // (A table the mirror only guessed at may not exist: deleting
+                // an absent key is not an error.)
+                self.maps.del_maglev(id)?;
+                report.deletes += 1;
+                set.maglev = None;
+            }
+            for b in std::mem::take(&mut set.members) {
+                if let Err(e) = self.maps.del_member(MemberKey { svc_id: id, backend_id: b }) {
+                    set.members.insert(b);
+                    return Err(e);
+                }
+                report.deletes += 1;
+            }
+            for r in std::mem::take(&mut set.ranges) {
+                if let Err(e) = self.maps.del_src_range(id, r) {
+                    set.ranges.insert(r);
+                    return Err(e);
+                }
+                report.deletes += 1;
+            }
+            Ok::<(), MapError>(())
+        })();
+        if r.is_ok() {
+            if let Some(k) = &set.claim
+                && self.set_ids.get(k) == Some(&id)
+            {
+                self.set_ids.remove(k);
+            }
+            set.claim = None;
+            self.store_set(id, SetProg::default());
+            self.sets.remove(&id);
+        } else {
+            self.store_set(id, set);
+        }
+        r
     }
 
     fn remove_frontend(&mut self, key: ServiceKey, report: &mut SyncReport) -> Result<(), MapError> {
-        let Some(mut prog) = self.frontends.remove(&key) else { return Ok(()) };
-        if let Err(e) = self.maps.del_service(key) {
-            self.frontends.insert(key, prog);
-            return Err(e);
-        }
+        let Some(value) = self.frontends.get(&key).copied() else { return Ok(()) };
+        self.maps.del_service(key)?;
         report.deletes += 1;
-        self.entries -= 1 + prog.slots.len();
-        for id in referenced(&prog) {
-            self.unref(id);
-        }
-        let svc_id = prog.value.svc_id;
-        // From here on nothing can reach what is left; delete it all, and
-        // keep what failed tracked under a removed frontend so a later sync
-        // retries (an entry with no slot 0 is invisible to the datapath).
-        let mut first_err = None;
-        while !prog.slots.is_empty() {
-            let slot_key = ServiceKey { slot: prog.slots.len() as u16, ..key };
-            match self.maps.del_service(slot_key) {
-                Ok(()) => {
-                    report.deletes += 1;
-                    prog.slots.pop();
-                }
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                    break;
-                }
+        self.frontends.remove(&key);
+        // From here on nothing reaches the set through this frontend; the
+        // set goes with its last frontend (what fails to go stays in the
+        // mirror, and a later sync retries).
+        if let Some(s) = self.sets.get_mut(&value.svc_id) {
+            s.users.remove(&key);
+            if s.users.is_empty() {
+                self.remove_set(value.svc_id, report)?;
+            } else {
+                self.shrink_set(value.svc_id, 0, None, report)?;
             }
         }
-        if prog.maglev.is_some() {
-            match self.maps.del_maglev(svc_id) {
-                Ok(()) => report.deletes += 1,
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        for id in std::mem::take(&mut prog.members) {
-            match self.maps.del_member(MemberKey { svc_id, backend_id: id }) {
-                Ok(()) => report.deletes += 1,
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        for r in std::mem::take(&mut prog.ranges) {
-            match self.maps.del_src_range(svc_id, r) {
-                Ok(()) => report.deletes += 1,
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        Ok(())
     }
 }
 
@@ -853,7 +1010,7 @@ impl MemMaps {
         let v = self.services.get(key)?;
         let mut out = Vec::new();
         for slot in 1..=v.count {
-            let Some(s) = self.services.get(&ServiceKey { slot, ..*key }) else {
+            let Some(s) = self.services.get(&ServiceKey::set_slot(v.svc_id, slot)) else {
                 return Some(Err(format!("slot {slot} missing")));
             };
             let Some(b) = self.backends.get(&s.backend_id) else {

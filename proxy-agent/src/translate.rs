@@ -105,6 +105,33 @@ pub struct SourceRange {
     pub len: u8,
 }
 
+/// Which of its Service port's endpoint lists a frontend serves, as
+/// kube-proxy's per-port cluster and local policy chains: the frontends of
+/// one port with the same list share one backend set in the maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum BackendList {
+    /// Under the internal policy (ClusterIP, internal twins) and every
+    /// external frontend whose policy gives the same list.
+    #[default]
+    Internal,
+    /// This node's endpoints (externalTrafficPolicy Local).
+    Local,
+    /// Every usable endpoint while internalTrafficPolicy Local narrows the
+    /// internal list (external frontends of an eTP=Cluster Service).
+    External,
+}
+
+impl BackendList {
+    #[must_use]
+    pub fn number(self) -> u8 {
+        match self {
+            BackendList::Internal => 0,
+            BackendList::Local => 1,
+            BackendList::External => 2,
+        }
+    }
+}
+
 /// Desired state of one frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
@@ -114,6 +141,9 @@ pub struct Frontend {
     pub owner: String,
     /// Sorted, deduplicated.
     pub backends: Vec<BackendAddr>,
+    /// The endpoint list `backends` is (frontends of the port with the same
+    /// list share their backend slots).
+    pub list: BackendList,
     /// ClientIP affinity timeout, if enabled.
     pub affinity_timeout_s: Option<u32>,
     /// No backend here because of a Local traffic policy while the Service
@@ -588,11 +618,15 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeIn
             out.skipped.extend(skips.into_iter().map(|reason| Skip { owner: port_owner.clone(), reason }));
             continue;
         }
-        let base = |ip: IpAddr, port: u16, kind: FrontendKind, scope: Scope, backends: &Vec<BackendAddr>, local: bool| Frontend {
+        // eTP=Cluster external frontends get the internal list's set when
+        // the two lists are the same (no internalTrafficPolicy Local).
+        let ext_list = if cluster_backends_ext == cluster_backends { BackendList::Internal } else { BackendList::External };
+        let base = |ip: IpAddr, port: u16, kind: FrontendKind, scope: Scope, backends: &Vec<BackendAddr>, list: BackendList, local: bool| Frontend {
             addr: FrontendAddr { ip, port, proto, scope },
             kind,
             owner: port_owner.clone(),
             backends: backends.clone(),
+            list,
             affinity_timeout_s,
             drop_when_empty: local && backends.is_empty() && any_usable,
             two_scopes: false,
@@ -604,16 +638,16 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeIn
         // every endpoint under the internal policy, as kube-proxy does.
         let external = |out: &mut Vec<Frontend>, ip: IpAddr, port: u16, kind: FrontendKind| {
             if external_local {
-                let mut fe = base(ip, port, kind, Scope::External, &local_backends, true);
+                let mut fe = base(ip, port, kind, Scope::External, &local_backends, BackendList::Local, true);
                 fe.two_scopes = true;
                 out.push(fe);
-                out.push(base(ip, port, kind, Scope::Internal, &cluster_backends, internal_local));
+                out.push(base(ip, port, kind, Scope::Internal, &cluster_backends, BackendList::Internal, internal_local));
             } else {
-                out.push(base(ip, port, kind, Scope::External, &cluster_backends_ext, false));
+                out.push(base(ip, port, kind, Scope::External, &cluster_backends_ext, ext_list, false));
             }
         };
         for ip in &cluster_ips {
-            out.frontends.push(base(*ip, port, FrontendKind::ClusterIp, Scope::External, &cluster_backends, internal_local));
+            out.frontends.push(base(*ip, port, FrontendKind::ClusterIp, Scope::External, &cluster_backends, BackendList::Internal, internal_local));
         }
         for ip in &external_ips {
             external(&mut out.frontends, *ip, port, FrontendKind::ExternalIp);

@@ -48,7 +48,7 @@ fn fixture() -> Fixture {
         (EMPTY_VIP, 80, Proto::Tcp, vec![]),
     ] {
         let addr = FrontendAddr { ip: ip(vip), port, proto, scope: Scope::External };
-        d.frontends.insert(addr, Frontend { addr, kind: FrontendKind::ClusterIp, owner: "t".into(), backends, affinity_timeout_s: None, drop_when_empty: false, two_scopes: false, source_ranges: None });
+        d.frontends.insert(addr, Frontend { addr, kind: FrontendKind::ClusterIp, owner: "t".into(), backends, list: Default::default(), affinity_timeout_s: None, drop_when_empty: false, two_scopes: false, source_ranges: None });
         d.vips.insert(ip(vip), proxy_common::VIP_F_CLUSTER_IP);
     }
     let r = engine.sync(&d);

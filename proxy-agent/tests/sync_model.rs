@@ -11,7 +11,7 @@ use std::{
 use proptest::prelude::*;
 use proxy_agent::{
     sync::{MemMaps, SyncEngine, frontend_key},
-    translate::{BackendAddr, Desired, Frontend, FrontendAddr, FrontendKind, Proto, Scope, SourceRange},
+    translate::{BackendAddr, BackendList, Desired, Frontend, FrontendAddr, FrontendKind, Proto, Scope, SourceRange},
 };
 use proxy_common::ServiceKey;
 
@@ -67,8 +67,12 @@ fn build(state: &[Option<(u8, bool)>]) -> Desired {
                 Frontend {
                     addr,
                     kind: FrontendKind::ClusterIp,
-                    owner: format!("ns/svc{i}"),
+                    // Frontends 1 and 3, 2 and 4 (same protocol) have one
+                    // owner each: with the same backends they share one
+                    // backend set, otherwise each has its own.
+                    owner: format!("ns/svc{}", if i < 4 { i % 2 } else { i }),
                     backends,
+                    list: BackendList::Internal,
                     affinity_timeout_s: aff.then_some(30),
                     drop_when_empty: false,
                     two_scopes: i % 5 == 1,
@@ -85,6 +89,7 @@ fn build(state: &[Option<(u8, bool)>]) -> Desired {
 fn assert_maps_equal_model(m: &MemMaps, d: &Desired) {
     let mut expected_entries = 0;
     let mut used = BTreeSet::new();
+    let mut sets: BTreeMap<u32, usize> = BTreeMap::new();
     for f in d.frontends.values() {
         let key = frontend_key(&f.addr);
         let view = m.reader_view(&key).expect("frontend programmed").expect("consistent");
@@ -100,11 +105,23 @@ fn assert_maps_equal_model(m: &MemMaps, d: &Desired) {
         assert_eq!(got, want, "backends of {:?}", f.addr);
         let v = m.services[&key];
         assert_eq!(v.affinity_timeout_s, f.affinity_timeout_s.unwrap_or(0));
-        expected_entries += 1 + f.backends.len();
+        expected_entries += 1;
         for slot in 1..=v.count {
-            used.insert(m.services[&ServiceKey { slot, ..key }].backend_id);
+            used.insert(m.services[&ServiceKey::set_slot(v.svc_id, slot)].backend_id);
         }
+        sets.entry(v.svc_id).or_insert_with(|| f.backends.len());
     }
+    // Frontends of one owner with the same backends share a set.
+    let mut by_owner: BTreeMap<&str, Vec<&Frontend>> = BTreeMap::new();
+    for f in d.frontends.values() {
+        by_owner.entry(f.owner.as_str()).or_default().push(f);
+    }
+    for fs in by_owner.values() {
+        let share = fs.len() == 2 && fs[0].backends == fs[1].backends;
+        let ids: BTreeSet<u32> = fs.iter().map(|f| m.services[&frontend_key(&f.addr)].svc_id).collect();
+        assert_eq!(ids.len(), if share { 1 } else { fs.len() }, "sets of {}", fs[0].owner);
+    }
+    expected_entries += sets.values().sum::<usize>();
     assert_eq!(m.services.len(), expected_entries, "no stale frontends or slots");
     let ids: BTreeSet<u32> = m.backends.keys().copied().collect();
     assert_eq!(ids, used, "no stale backends");
@@ -235,7 +252,8 @@ fn a_full_resync_repairs_entries_changed_behind_the_agents_back() {
     let k1 = frontend_key(&fe_addr(1));
     // Someone deletes a frontend and a backend slot by hand.
     engine.maps_mut().services.remove(&k1);
-    engine.maps_mut().services.remove(&proxy_common::ServiceKey { slot: 1, ..frontend_key(&fe_addr(2)) });
+    let set2 = want.services[&frontend_key(&fe_addr(2))].svc_id;
+    engine.maps_mut().services.remove(&ServiceKey::set_slot(set2, 1));
     // Without a reload the mirror says all is well: nothing is written.
     assert_eq!(engine.sync(&d).writes, 0);
     engine.reload().unwrap();
@@ -248,4 +266,73 @@ fn a_full_resync_repairs_entries_changed_behind_the_agents_back() {
         assert_eq!(engine.maps().reader_view(k), want.reader_view(k), "{k:?} reads as before");
     }
     assert_eq!(engine.maps().members.len(), want.members.len(), "no stale member left");
+}
+
+/// A Service port's frontends share backend sets by endpoint list, as
+/// kube-proxy's per-port cluster and local chains: a NodePort Service on a
+/// node with three addresses keeps one copy of its slots, not four.
+#[test]
+fn frontends_of_a_service_port_share_backend_sets_by_endpoint_list() {
+    use proxy_agent::translate::{NodeInfo, translate_all};
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        addresses: ["192.168.0.1", "192.168.1.1", "192.168.2.1"].iter().map(|a| a.parse().unwrap()).collect(),
+        snat: None,
+    };
+    let objects = |etp: &str, itp: &str| {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "externalTrafficPolicy": etp, "internalTrafficPolicy": itp,
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}]},
+        }))
+        .unwrap();
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-a", "namespace": "ns", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.1.0.1"], "conditions": {"ready": true}, "nodeName": "node-a"},
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": true}, "nodeName": "node-b"},
+                {"addresses": ["10.1.0.3"], "conditions": {"ready": true}, "nodeName": "node-c"},
+            ],
+        }))
+        .unwrap();
+        translate_all(&[svc], &[slice], &node)
+    };
+    // (policies, frontends, sets, slots, members)
+    let cases = [
+        // ClusterIP + 3 NodePorts, one list of 3.
+        (("Cluster", "Cluster"), 4, 1, 3),
+        // 3 external NodePorts with the local endpoint; ClusterIP and the 3
+        // internal twins with all three.
+        (("Local", "Cluster"), 7, 2, 4),
+        // ClusterIP with the local endpoint; NodePorts with all three.
+        (("Cluster", "Local"), 4, 2, 4),
+    ];
+    let mut engine = SyncEngine::adopt(MemMaps { observer: Some(observe), ..MemMaps::default() }).unwrap();
+    for ((etp, itp), frontends, sets, slots) in cases {
+        let d = objects(etp, itp);
+        assert_eq!(d.frontends.len(), frontends, "{etp}/{itp}: {:?}", d.frontends.keys());
+        // Each case follows the previous one on the same maps, as a policy
+        // change would.
+        let r = engine.sync(&d);
+        assert!(r.failed.is_empty(), "{r:?}");
+        let m = engine.maps();
+        let set_ids: BTreeSet<u32> = m.services.iter().filter(|(k, _)| k.slot == 0).map(|(_, v)| v.svc_id).collect();
+        assert_eq!(set_ids.len(), sets, "{etp}/{itp}: backend sets");
+        assert_eq!(engine.set_count(), sets, "{etp}/{itp}: the mirror agrees");
+        assert_eq!(m.services.len(), frontends + slots, "{etp}/{itp}: frontends plus one copy of each set's slots");
+        assert_eq!(m.members.len(), slots, "{etp}/{itp}: members once per set");
+        assert_eq!(m.maglev.len(), sets, "{etp}/{itp}: one Maglev table per set");
+        for f in d.frontends.values() {
+            let view = m.reader_view(&frontend_key(&f.addr)).unwrap().unwrap();
+            assert_eq!(view.len(), f.backends.len(), "{etp}/{itp}: {:?} reads its own list", f.addr);
+        }
+        assert!(VIOLATIONS.with(|v| v.borrow().is_empty()), "{:?}", VIOLATIONS.with(|v| v.borrow().clone()));
+    }
+    // A restarted agent adopts the shared sets as they are: nothing to write.
+    let mut again = SyncEngine::adopt(engine.maps().clone()).unwrap();
+    let r = again.sync(&objects("Cluster", "Local"));
+    assert_eq!((r.writes, r.deletes), (2, 0), "only the Maglev tables are rewritten (their ids are not read back): {r:?}");
 }

@@ -160,9 +160,17 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
 
-/// Key of the services map. Slot 0 is the frontend itself (value holds the
-/// backend count); slots 1..=count hold one backend id each. Writing new slots
-/// before the count means a reader never sees a half-written backend set.
+/// Key of the services map, which holds two kinds of entries:
+/// - a frontend: its address, port, protocol and scope, slot 0; the value
+///   holds the backend count and the id of its backend set;
+/// - a backend slot of a backend set ([`ServiceKey::set_slot`]): protocol 0
+///   (no frontend has it), the set id in the address, slots 1..=count, one
+///   backend id each. The frontends of one Service port that share a
+///   backend list (the ClusterIP, every NodePort address, the LoadBalancer
+///   IPs) share one set, so a NodePort does not copy its slots per node
+///   address.
+/// Writing new slots before a frontend's count means a reader never sees a
+/// half-written backend set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
@@ -172,6 +180,32 @@ pub struct ServiceKey {
     pub scope: u8,      // SCOPE_* (which clients this frontend serves)
     pub slot: u16,      // 0 = frontend, 1..=count = backend slot
     pub _pad: u16,      // zero
+}
+
+impl ServiceKey {
+    /// Slot `slot` (1-based) of backend set `set_id` (a frontend's
+    /// `ServiceValue::svc_id`).
+    #[inline(always)]
+    #[must_use]
+    pub const fn set_slot(set_id: u32, slot: u16) -> Self {
+        let b = set_id.to_be_bytes();
+        ServiceKey {
+            addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b[0], b[1], b[2], b[3]],
+            port: 0,
+            proto: 0,
+            scope: 0,
+            slot,
+            _pad: 0,
+        }
+    }
+
+    /// The backend set of a slot entry ([`ServiceKey::set_slot`]), `None`
+    /// for a frontend.
+    #[must_use]
+    pub fn set_id(&self) -> Option<u32> {
+        (self.proto == 0 && self.slot != 0 && self.addr[..12] == [0; 12])
+            .then(|| u32::from_be_bytes([self.addr[12], self.addr[13], self.addr[14], self.addr[15]]))
+    }
 }
 
 /// Frontend reachable by every client.
@@ -187,7 +221,7 @@ pub struct ServiceValue {
     pub backend_id: u32,         // slot > 0: backend id; slot 0: affinity group (the Service port's, shared by its frontends)
     pub count: u16,              // slot 0: number of backend slots; 0 = reject
     pub flags: u16,              // slot 0: SVC_F_*
-    pub svc_id: u32,             // slot 0: id of this frontend (affinity, members, Maglev)
+    pub svc_id: u32,             // slot 0: id of this frontend's backend set (slots, members, Maglev, source ranges)
     pub affinity_timeout_s: u32, // slot 0: ClientIP affinity timeout, seconds
 }
 
@@ -235,7 +269,7 @@ pub const BACKEND_F_LOCAL: u8 = 1 << 0;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MemberKey {
-    pub svc_id: u32,     // ServiceValue::svc_id of the frontend
+    pub svc_id: u32,     // backend set (ServiceValue::svc_id of its frontends)
     pub backend_id: u32, // backend id
 }
 
@@ -292,7 +326,7 @@ pub struct CtValue {
     pub _pad: u8,           // zero
     pub backend_id: u32,    // backend chosen for this flow
     pub last_seen_ns: u64,  // forward: last packet either way (bpf_ktime_get_ns); reply: creation
-    pub svc_id: u32,        // frontend id (membership checks, cleanup per Service)
+    pub svc_id: u32,        // backend set id (ServiceValue::svc_id: membership checks)
     pub snat_port: u16,     // forward: SNAT port toward a remote backend (source = NodeConfig::snat_addr); 0 = none
     pub _pad2: u16,         // zero
 }
@@ -398,7 +432,7 @@ pub struct NodeConfig {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SrcRange {
-    pub svc_id: [u8; 4], // frontend id, big-endian (compared byte by byte)
+    pub svc_id: [u8; 4], // backend set id (ServiceValue::svc_id), big-endian (compared byte by byte)
     pub addr: [u8; 16],  // source prefix, IPv6 or IPv4-mapped, network order
 }
 
@@ -414,7 +448,7 @@ pub const fn src_range_prefix_v4(len: u8) -> u32 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
     pub client: [u8; 16], // client address, network order
-    pub svc_id: u32,      // frontend id (ServiceValue::svc_id)
+    pub svc_id: u32,      // backend set id (ServiceValue::svc_id)
 }
 
 /// Value of the ClientIP affinity map.
@@ -462,7 +496,7 @@ pub struct SockRevValue {
     pub addr: [u8; 16],  // frontend address, network order
     pub port: u16,       // frontend port, host order
     pub _pad: u16,       // zero
-    pub svc_id: u32,     // frontend id
+    pub svc_id: u32,     // backend set id (ServiceValue::svc_id)
     pub backend_id: u32, // backend id (the collector drops entries of backends that left)
     pub _pad2: u32,      // zero
 }

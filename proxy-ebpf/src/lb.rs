@@ -127,7 +127,7 @@ fn new_flow_inner<const L3: usize, const EXT: bool>(
     svc: &(ServiceKey, ServiceValue),
     now: u64,
 ) -> Result<i32, ()> {
-    let (key, value) = svc;
+    let (_, value) = svc;
     if value.count == 0 {
         if value.flags & SVC_F_DROP_EMPTY != 0 {
             return Ok(drop_new(ctx, pkt, Stat::DropNoLocal));
@@ -139,7 +139,7 @@ fn new_flow_inner<const L3: usize, const EXT: bool>(
     if value.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(value.svc_id, v4_mapped(pkt.saddr)) {
         return Ok(drop_new(ctx, pkt, Stat::DropSourceRange));
     }
-    let backend_id = select_for_packet(key, value, pkt, now);
+    let backend_id = select_for_packet(value, pkt, now);
     // SAFETY: copied out at once.
     let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }).copied() else {
         return Ok(drop_new(ctx, pkt, Stat::DropBackendMissing));
@@ -186,8 +186,8 @@ fn drop_new(ctx: &TcContext, pkt: &Packet, why: Stat) -> i32 {
 
 /// The backend for a new flow of `pkt` (0: none could be chosen).
 #[inline(always)]
-pub fn select_for_packet(key: &ServiceKey, svc: &ServiceValue, pkt: &Packet, now: u64) -> u32 {
-    select_backend(key, svc, v4_mapped(pkt.saddr), || flow_hash(pkt), now).unwrap_or(0)
+pub fn select_for_packet(svc: &ServiceValue, pkt: &Packet, now: u64) -> u32 {
+    select_backend(svc, v4_mapped(pkt.saddr), || flow_hash(pkt), now).unwrap_or(0)
 }
 
 /// [`snat_forward`] as a BPF-to-BPF call.
@@ -277,7 +277,6 @@ fn flow_hash(pkt: &Packet) -> u32 {
 /// unchanged), otherwise a random slot. Shared by the TC and socket paths.
 #[inline(always)]
 pub fn select_backend(
-    key: &ServiceKey,
     svc: &ServiceValue,
     client: [u8; 16],
     hash: impl FnOnce() -> u32,
@@ -297,7 +296,7 @@ pub fn select_backend(
             }
         }
     }
-    let id = pick(key, svc, hash)?;
+    let id = pick(svc, hash)?;
     if affinity {
         let v = AffinityValue { backend_id: id, _pad: 0, last_used_ns: now };
         let _ = AFFINITY.insert(&akey, &v, 0);
@@ -306,7 +305,7 @@ pub fn select_backend(
 }
 
 #[inline(always)]
-fn pick(key: &ServiceKey, svc: &ServiceValue, hash: impl FnOnce() -> u32) -> Option<u32> {
+fn pick(svc: &ServiceValue, hash: impl FnOnce() -> u32) -> Option<u32> {
     if svc.flags & SVC_F_MAGLEV != 0
         && let Some(table) = MAGLEV.get_ptr(&svc.svc_id)
     {
@@ -330,7 +329,9 @@ fn pick(key: &ServiceKey, svc: &ServiceValue, hash: impl FnOnce() -> u32) -> Opt
         return None;
     }
     let slot = (unsafe { bpf_get_prandom_u32() } % n) as u16 + 1;
-    let slot_key = ServiceKey { slot, ..*key };
+    // The slots of the frontend's backend set (shared by the Service
+    // port's frontends with the same backends).
+    let slot_key = ServiceKey::set_slot(svc.svc_id, slot);
     // SAFETY: copied out at once.
     Some(unsafe { SERVICES.get(&slot_key) }?.backend_id)
 }

@@ -116,7 +116,7 @@ pub fn translate(ctx: &SockAddrContext, hook: Hook) -> i32 {
     // source address is not known yet at connect().
     let mut client = [0xffu8; 16];
     client[..8].copy_from_slice(&netns.to_ne_bytes());
-    let Some(backend_id) = select_backend(&key, &svc, client, || sock_hash(cookie, &key), now) else { return ALLOW };
+    let Some(backend_id) = select_backend(&svc, client, || sock_hash(cookie, &key), now) else { return ALLOW };
     // SAFETY: copied out at once.
     let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }).copied() else { return ALLOW };
     let Some(baddr) = v4_of_mapped(&backend.addr) else { return ALLOW };

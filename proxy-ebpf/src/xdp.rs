@@ -247,7 +247,7 @@ fn reply(ctx: &XdpContext, pkt: &Packet, fkey: &CtKey) -> u32 {
 #[inline(always)]
 pub fn new_flow(ctx: &XdpContext) -> u32 {
     let Ok(pkt) = parse(ctx) else { return XDP_PASS };
-    let Some((key, svc)) = lookup_frontend::<true>(&pkt) else { return XDP_PASS };
+    let Some((_, svc)) = lookup_frontend::<true>(&pkt) else { return XDP_PASS };
     if svc.count == 0 {
         count(Stat::XdpToTc);
         return XDP_PASS;
@@ -258,7 +258,7 @@ pub fn new_flow(ctx: &XdpContext) -> u32 {
     }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let backend_id = lb::select_for_packet(&key, &svc, &pkt, now);
+    let backend_id = lb::select_for_packet(&svc, &pkt, now);
     // SAFETY: copied out at once.
     let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }).copied() else {
         count(Stat::DropBackendMissing);
