@@ -64,6 +64,9 @@ pub struct Agent {
     index: crate::incremental::Index,
     /// Frontends changed since the names file was last written.
     names_due: bool,
+    /// The last full sync, and every incremental one since, programmed
+    /// everything desired (nothing waits for a retry).
+    clean: bool,
     /// This network namespace's IPv4 addresses (for `--nodeport-addresses`),
     /// refreshed with the interfaces.
     local_addrs: Vec<std::net::Ipv4Addr>,
@@ -213,7 +216,8 @@ impl Agent {
             last_skipped: BTreeSet::new(),
             last_failed: BTreeSet::new(),
             index: crate::incremental::Index::default(),
-            names_due: false,
+            names_due: true,
+            clean: false,
             local_addrs: local_ipv4_addrs(),
             snat: None,
             health: crate::healthcheck::HealthServer::new(),
@@ -391,21 +395,28 @@ impl Agent {
         seen_at: Instant,
     ) -> SyncReport {
         let start = Instant::now();
-        if std::mem::take(&mut self.reload_due)
-            && let Err(e) = self.engine.reload()
-        {
+        let reload = std::mem::take(&mut self.reload_due);
+        if reload && let Err(e) = self.engine.reload() {
             tracing::warn!(error = %e, "re-reading the maps for a full resync; syncing from the mirror");
         }
         let node = self.current_node(nodes);
         let services: Vec<&Service> = services.into_iter().collect();
         let slices: Vec<&EndpointSlice> = slices.into_iter().collect();
-        self.index.sync_all(services.iter().copied(), slices.iter().copied(), &node);
+        let delta = self.index.sync_all(services.iter().copied(), slices.iter().copied(), &node);
         self.observe_all(&services, &slices, nodes, &node.name);
         // UDP flows of a backend that left a frontend move at their next
         // packet (the datapath checks membership); the collector removes
         // their entries in the background.
-        let report = self.engine.sync(self.index.desired());
-        self.names_due = true;
+        let report = if delta.is_empty() && !reload && self.clean {
+            // Nothing changed since a sync that programmed everything, and
+            // no re-read of the maps is due: they hold the desired state.
+            let (frontends, backends) = self.engine.counts();
+            SyncReport { frontends, backends, ..SyncReport::default() }
+        } else {
+            self.engine.sync(self.index.desired())
+        };
+        self.clean = report.failed.is_empty();
+        self.names_due |= !delta.is_empty();
         self.finish(start, seen_at, &report, true);
         self.flush_names();
         // A full sync's temporaries (translations, tables, the objects the
@@ -444,6 +455,7 @@ impl Agent {
         let fes = crate::incremental::frontend_changes(desired, &delta);
         let vips = crate::incremental::vip_changes(desired, &delta);
         let report = self.engine.sync_changes(&fes, &vips);
+        self.clean &= report.failed.is_empty();
         self.names_due |= !delta.is_empty();
         self.finish(start, seen_at, &report, !delta.is_empty());
         Some(report)

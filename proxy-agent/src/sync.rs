@@ -124,10 +124,33 @@ struct SetProg {
     /// Source ranges in the LPM map for this set.
     ranges: BTreeSet<RangeEntry>,
     /// Frontends whose value names this set.
-    users: BTreeSet<ServiceKey>,
+    users: Users,
     /// Who claimed the set in this agent's life (`None` after a restart
     /// until a sync claims it again).
     claim: Option<SetKey>,
+}
+
+/// The frontends of a set: a few, kept sorted in a vector.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Users(Vec<ServiceKey>);
+
+impl Users {
+    fn insert(&mut self, k: ServiceKey) {
+        if let Err(i) = self.0.binary_search(&k) {
+            self.0.insert(i, k);
+        }
+    }
+    fn remove(&mut self, k: &ServiceKey) {
+        if let Ok(i) = self.0.binary_search(k) {
+            self.0.remove(i);
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn iter(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.0.iter()
+    }
 }
 
 /// Who a backend set belongs to: a Service port (owner), which of its
@@ -725,14 +748,15 @@ impl<M: MapOps> SyncEngine<M> {
         }
         for si in 0..plan.sets.len() {
             let key = plan.sets[si].key.clone();
-            let users: BTreeSet<ServiceKey> = plan.items.iter().filter(|(_, _, i)| *i == si).map(|(k, _, _)| *k).collect();
             let id = match self.set_ids.get(&key) {
                 Some(id) if self.sets.contains_key(id) => Some(*id),
                 _ => {
+                    let users: BTreeSet<ServiceKey> =
+                        plan.items.iter().filter(|(_, _, i)| *i == si).map(|(k, _, _)| *k).collect();
                     // After a restart: the set these frontends already share,
                     // if no one else uses it.
                     let adopt = users.iter().filter_map(|k| self.frontends.get(k)).map(|v| v.svc_id).find(|id| {
-                        self.sets.get(id).is_some_and(|s| s.claim.is_none() && s.users.is_subset(&users))
+                        self.sets.get(id).is_some_and(|s| s.claim.is_none() && s.users.iter().all(|k| users.contains(k)))
                     });
                     match adopt {
                         Some(id) => Some(id),
