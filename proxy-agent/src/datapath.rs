@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap as AyaHashMap, Map, MapData, PerCpuArray, lpm_trie::{Key as LpmKey, LpmTrie}},
+    maps::{Array, HashMap as AyaHashMap, IterableMap as _, Map, MapData, PerCpuArray, lpm_trie::{Key as LpmKey, LpmTrie}},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -40,7 +40,7 @@ use proxy_common::{
     ServiceValue, SrcRange, Stat, VipValue,
 };
 
-use crate::sync::{MapError, MapOps, RangeEntry};
+use crate::sync::{MapError, MapOps, Op, Pending, RangeEntry};
 
 /// Every TC program, in load order.
 const TC_PROGRAMS: [&str; 6] =
@@ -942,12 +942,60 @@ fn removed(map: &'static str, r: Result<(), aya::maps::MapError>) -> Result<(), 
     }
 }
 
+/// Every entry of a hash map: in batches, or one by one where the kernel
+/// has no batch lookup.
+fn read_all<K: Pod, V: Pod>(name: &'static str, map: &AyaHashMap<MapData, K, V>) -> Result<Vec<(K, V)>, MapError> {
+    match crate::batch::lookup_all(map.map().fd().as_fd()) {
+        Ok(v) => Ok(v),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | 524 /* ENOTSUPP */)) => {
+            map.iter().map(|r| r.map_err(|e| map_err(name, e))).collect()
+        }
+        Err(e) => Err(MapError::Io { map: name, source: e }),
+    }
+}
+
+/// A batch update's error as the engine sees it (E2BIG: the map is full).
+fn batch_err(map: &'static str, e: io::Error) -> MapError {
+    if e.raw_os_error() == Some(libc::E2BIG) { MapError::Full { map } } else { MapError::Io { map, source: e } }
+}
+
+fn put_batch<K: Pod, V: Pod>(name: &'static str, map: &AyaHashMap<MapData, K, V>, entries: Vec<(K, V)>) -> Result<(), MapError> {
+    let (keys, values): (Vec<K>, Vec<V>) = entries.into_iter().unzip();
+    crate::batch::update(map.map().fd().as_fd(), &keys, &values).map_err(|(_, e)| batch_err(name, e))
+}
+
+fn del_batch<K: Pod, V: Pod>(name: &'static str, map: &AyaHashMap<MapData, K, V>, keys: Vec<K>) -> Result<(), MapError> {
+    crate::batch::delete(map.map().fd().as_fd(), &keys).map_err(|e| batch_err(name, e))
+}
+
 impl MapOps for PinnedMaps {
+    fn batches(&self) -> bool {
+        true
+    }
+    /// A batch per map and group (`BPF_MAP_UPDATE_BATCH`, `..._DELETE_BATCH`).
+    fn apply_batch(&mut self, pending: Pending) -> Result<(), MapError> {
+        for group in pending.groups {
+            let Some(first) = group.first() else { continue };
+            match first {
+                Op::PutBackend(..) => put_batch(MAP_BACKENDS, &self.backends, group.into_iter().filter_map(|o| match o { Op::PutBackend(k, v) => Some((k, v)), _ => None }).collect())?,
+                Op::PutVip(..) => put_batch(MAP_VIPS, &self.vips, group.into_iter().filter_map(|o| match o { Op::PutVip(k, v) => Some((k, v)), _ => None }).collect())?,
+                Op::PutMember(..) => put_batch(MAP_MEMBERS, &self.members, group.into_iter().filter_map(|o| match o { Op::PutMember(k) => Some((k, 1u32)), _ => None }).collect())?,
+                Op::PutMaglev(..) => put_batch(MAP_MAGLEV, &self.maglev, group.into_iter().filter_map(|o| match o { Op::PutMaglev(k, v) => Some((k, *v)), _ => None }).collect())?,
+                Op::PutService(..) => put_batch(MAP_SERVICES, &self.services, group.into_iter().filter_map(|o| match o { Op::PutService(k, v) => Some((k, v)), _ => None }).collect())?,
+                Op::DelService(..) => del_batch(MAP_SERVICES, &self.services, group.into_iter().filter_map(|o| match o { Op::DelService(k) => Some(k), _ => None }).collect())?,
+                Op::DelMaglev(..) => del_batch(MAP_MAGLEV, &self.maglev, group.into_iter().filter_map(|o| match o { Op::DelMaglev(k) => Some(k), _ => None }).collect())?,
+                Op::DelMember(..) => del_batch(MAP_MEMBERS, &self.members, group.into_iter().filter_map(|o| match o { Op::DelMember(k) => Some(k), _ => None }).collect())?,
+                Op::DelBackend(..) => del_batch(MAP_BACKENDS, &self.backends, group.into_iter().filter_map(|o| match o { Op::DelBackend(k) => Some(k), _ => None }).collect())?,
+                Op::DelVip(..) => del_batch(MAP_VIPS, &self.vips, group.into_iter().filter_map(|o| match o { Op::DelVip(k) => Some(k), _ => None }).collect())?,
+            }
+        }
+        Ok(())
+    }
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
-        self.services.iter().map(|r| r.map_err(|e| map_err(MAP_SERVICES, e))).collect()
+        read_all(MAP_SERVICES, &self.services)
     }
     fn backends(&self) -> Result<Vec<(u32, Backend)>, MapError> {
-        self.backends.iter().map(|r| r.map_err(|e| map_err(MAP_BACKENDS, e))).collect()
+        read_all(MAP_BACKENDS, &self.backends)
     }
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
         self.services.insert(key, value, 0).map_err(|e| map_err(MAP_SERVICES, e))
@@ -962,7 +1010,7 @@ impl MapOps for PinnedMaps {
         removed(MAP_BACKENDS, self.backends.remove(&id))
     }
     fn members(&self) -> Result<Vec<MemberKey>, MapError> {
-        self.members.keys().map(|r| r.map_err(|e| map_err(MAP_MEMBERS, e))).collect()
+        Ok(read_all(MAP_MEMBERS, &self.members)?.into_iter().map(|(k, _)| k).collect())
     }
     fn put_member(&mut self, key: MemberKey) -> Result<(), MapError> {
         self.members.insert(key, 1, 0).map_err(|e| map_err(MAP_MEMBERS, e))
@@ -977,7 +1025,7 @@ impl MapOps for PinnedMaps {
         removed(MAP_MAGLEV, self.maglev.remove(&svc_id))
     }
     fn vips(&self) -> Result<Vec<([u8; 16], VipValue)>, MapError> {
-        self.vips.iter().map(|r| r.map_err(|e| map_err(MAP_VIPS, e))).collect()
+        read_all(MAP_VIPS, &self.vips)
     }
     fn put_vip(&mut self, addr: [u8; 16], value: VipValue) -> Result<(), MapError> {
         self.vips.insert(addr, value, 0).map_err(|e| map_err(MAP_VIPS, e))

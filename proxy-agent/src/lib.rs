@@ -1,5 +1,6 @@
 //! kproxy agent: Kubernetes Services -> eBPF maps.
 pub mod agent;
+pub mod batch;
 pub mod cleanup;
 pub mod datapath;
 pub mod explain;

@@ -72,6 +72,39 @@ pub trait MapOps {
     fn src_ranges(&self) -> Result<Vec<(u32, RangeEntry)>, MapError>;
     fn put_src_range(&mut self, svc_id: u32, range: RangeEntry) -> Result<(), MapError>;
     fn del_src_range(&mut self, svc_id: u32, range: RangeEntry) -> Result<(), MapError>;
+
+    /// Whether a full sync should queue its writes and send them with
+    /// [`MapOps::apply_batch`] at each ordering barrier.
+    fn batches(&self) -> bool {
+        false
+    }
+
+    /// One write.
+    fn apply(&mut self, op: Op) -> Result<(), MapError> {
+        match op {
+            Op::PutBackend(id, b) => self.put_backend(id, b),
+            Op::PutVip(a, v) => self.put_vip(a, v),
+            Op::PutMember(k) => self.put_member(k),
+            Op::PutMaglev(id, t) => self.put_maglev(id, &t),
+            Op::PutService(k, v) => self.put_service(k, v),
+            Op::DelService(k) => self.del_service(k),
+            Op::DelMaglev(id) => self.del_maglev(id),
+            Op::DelMember(k) => self.del_member(k),
+            Op::DelBackend(id) => self.del_backend(id),
+            Op::DelVip(a) => self.del_vip(a),
+        }
+    }
+
+    /// Queued writes, group by group in order (a batch per group where the
+    /// maps can). On error the rest is not written.
+    fn apply_batch(&mut self, pending: Pending) -> Result<(), MapError> {
+        for group in pending.groups {
+            for op in group {
+                self.apply(op)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Outcome of one sync.
@@ -107,6 +140,59 @@ impl IdAlloc {
         Ok(id)
     }
 }
+
+/// One map write, as the engine queues it while batching.
+#[derive(Clone, Debug)]
+pub enum Op {
+    PutBackend(u32, Backend),
+    PutVip([u8; 16], VipValue),
+    PutMember(MemberKey),
+    PutMaglev(u32, Box<MaglevTable>),
+    PutService(ServiceKey, ServiceValue),
+    DelService(ServiceKey),
+    DelMaglev(u32),
+    DelMember(MemberKey),
+    DelBackend(u32),
+    DelVip([u8; 16]),
+}
+
+impl Op {
+    /// The group a write is applied in: what a reader follows is written
+    /// before what leads to it (backends and members before slots and
+    /// frontends), and removed after it.
+    fn group(&self) -> usize {
+        match self {
+            Op::PutBackend(..) => 0,
+            Op::PutVip(..) => 1,
+            Op::PutMember(..) => 2,
+            Op::PutMaglev(..) => 3,
+            Op::PutService(..) => 4,
+            Op::DelService(..) => 5,
+            Op::DelMaglev(..) => 6,
+            Op::DelMember(..) => 7,
+            Op::DelBackend(..) => 8,
+            Op::DelVip(..) => 9,
+        }
+    }
+}
+
+/// Writes queued between two barriers of a batched sync, by group; within
+/// a group their order does not matter to a reader.
+#[derive(Debug, Default)]
+pub struct Pending {
+    pub groups: [Vec<Op>; 10],
+    len: usize,
+}
+
+impl Pending {
+    fn push(&mut self, op: Op) {
+        self.groups[op.group()].push(op);
+        self.len += 1;
+    }
+}
+
+/// Writes queued before a batch is sent (Maglev tables are 4 KiB each).
+const BATCH_CHUNK: usize = 8192;
 
 /// A backend set as the maps hold it: slots, members, Maglev table and
 /// source ranges under one id (`ServiceValue::svc_id` of its frontends),
@@ -193,6 +279,10 @@ pub struct SyncEngine<M: MapOps> {
     /// ClientIP affinity group per Service port (owner), shared by its
     /// frontends.
     groups: HashMap<String, u32>,
+    /// Writes queued during a batched full sync.
+    pending: Option<Pending>,
+    /// The first batch of this sync that failed.
+    batch_error: Option<MapError>,
 }
 
 /// The map key of a frontend (slot 0).
@@ -296,6 +386,10 @@ fn read_state<M: MapOps>(maps: &M) -> Result<State, MapError> {
 /// their desired contents, and which frontends use which.
 struct OwnerPlan<'a> {
     owner: &'a str,
+    /// ClientIP affinity group (0: none).
+    group: u32,
+    /// Sets its frontends left in this sync.
+    left: BTreeSet<u32>,
     sets: Vec<SetPlan>,
     /// (frontend key, frontend, index in `sets`)
     items: Vec<(ServiceKey, &'a Frontend, usize)>,
@@ -338,6 +432,8 @@ impl<M: MapOps> SyncEngine<M> {
             refs: HashMap::new(),
             unreferenced: BTreeSet::new(),
             groups: HashMap::new(),
+            pending: None,
+            batch_error: None,
         };
         engine.install(st)?;
         Ok(engine)
@@ -382,7 +478,7 @@ impl<M: MapOps> SyncEngine<M> {
         // claimed stays for the next sync to refill: a reload after a
         // frontend was deleted by hand.)
         for k in st.orphans {
-            self.maps.del_service(k)?;
+            self.op(Op::DelService(k))?;
         }
         let unused: Vec<u32> =
             self.sets.iter().filter(|(_, s)| s.users.is_empty() && s.claim.is_none()).map(|(id, _)| *id).collect();
@@ -430,7 +526,46 @@ impl<M: MapOps> SyncEngine<M> {
 
     /// Brings the maps to `desired`, writing only the difference (the full
     /// diff: every frontend is compared with the mirror).
+    ///
+    /// Where the maps take batches, the writes are queued and sent a batch
+    /// per map at each ordering barrier (removals; backends; sets grown;
+    /// frontends; what nothing reaches any more). A batch that fails leaves
+    /// the mirror unsure of what was written: the maps are read back and
+    /// the sync is done again write by write, which pins each failure on
+    /// its frontend.
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
+        if self.maps.batches() {
+            self.pending = Some(Pending::default());
+            self.batch_error = None;
+            let r = self.sync_inner(desired, true);
+            self.pending = None;
+            match r {
+                Ok(report) => return report,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a batched map write failed; re-reading the maps and syncing write by write");
+                    if let Err(e) = self.reload() {
+                        tracing::warn!(error = %e, "re-reading the maps");
+                    }
+                    // Sets the failed batches wrote for frontends they did
+                    // not reach hold map space the retry may need.
+                    let unused: Vec<u32> = self.sets.iter().filter(|(_, s)| s.users.is_empty()).map(|(id, _)| *id).collect();
+                    for id in unused {
+                        if let Some(set) = self.sets.get_mut(&id) {
+                            // A table may be there without a frontend flagging it.
+                            set.maglev.get_or_insert_with(Vec::new);
+                        }
+                        let mut report = SyncReport::default();
+                        if let Err(e) = self.remove_set(id, &mut report) {
+                            tracing::warn!(error = %e, set = id, "removing an unused backend set");
+                        }
+                    }
+                }
+            }
+        }
+        self.sync_inner(desired, false).unwrap_or_else(|e| SyncReport { failed: vec![("sync".into(), e.to_string())], ..SyncReport::default() })
+    }
+
+    fn sync_inner(&mut self, desired: &Desired, batched: bool) -> Result<SyncReport, MapError> {
         let mut report = SyncReport::default();
         let wanted: BTreeMap<ServiceKey, &Frontend> =
             desired.frontends.values().map(|f| (frontend_key(&f.addr), f)).collect();
@@ -449,6 +584,7 @@ impl<M: MapOps> SyncEngine<M> {
                 report.failed.push((format!("{key:?}"), e.to_string()));
             }
         }
+        self.flush()?;
         let wanted_backends: std::collections::HashSet<Backend> = wanted
             .iter()
             .flat_map(|(k, fe)| fe.backends.iter().map(|b| backend_value(b, k.proto)))
@@ -475,8 +611,29 @@ impl<M: MapOps> SyncEngine<M> {
         // once and its Maglev table computed once.
         let mut order: Vec<(ServiceKey, &Frontend)> = wanted.iter().map(|(k, f)| (*k, *f)).collect();
         order.sort_by(|a, b| a.1.owner.cmp(&b.1.owner).then(a.0.cmp(&b.0)));
-        for chunk in order.chunk_by(|a, b| a.1.owner == b.1.owner) {
-            self.sync_owner(chunk, &mut report);
+        if batched {
+            // Each step for every Service port, a barrier between steps.
+            let mut plans = Vec::new();
+            for chunk in order.chunk_by(|a, b| a.1.owner == b.1.owner) {
+                plans.extend(self.plan_owner(chunk, &mut report));
+            }
+            self.flush()?;
+            let mut grown = Vec::with_capacity(plans.len());
+            for plan in plans {
+                grown.extend(self.owner_grow(plan, &mut report));
+            }
+            self.flush()?;
+            for plan in &mut grown {
+                self.owner_values(plan, &mut report);
+            }
+            self.flush()?;
+            for plan in &grown {
+                self.owner_shrink(plan, &mut report);
+            }
+        } else {
+            for chunk in order.chunk_by(|a, b| a.1.owner == b.1.owner) {
+                self.sync_owner(chunk, &mut report);
+            }
         }
         // Backends nothing refers to any more (after the updates).
         self.delete_unused_backends(|_| false, &mut report);
@@ -487,7 +644,7 @@ impl<M: MapOps> SyncEngine<M> {
         }
         // The earlier layout's per-frontend slots: no program reads them now.
         for k in std::mem::take(&mut self.legacy) {
-            match self.maps.del_service(k) {
+            match self.op(Op::DelService(k)) {
                 Ok(()) => report.deletes += 1,
                 Err(e) => {
                     report.failed.push((format!("{k:?}"), e.to_string()));
@@ -495,10 +652,11 @@ impl<M: MapOps> SyncEngine<M> {
                 }
             }
         }
+        self.flush()?;
         self.tables.clear();
         report.frontends = self.frontends.len();
         report.backends = self.backends.len();
-        report
+        Ok(report)
     }
 
     /// Applies the changes of some frontends and Service addresses (the
@@ -545,11 +703,43 @@ impl<M: MapOps> SyncEngine<M> {
         report
     }
 
+    /// One write: applied now, or queued while batching (a full queue is
+    /// sent at once, in group order).
+    fn op(&mut self, op: Op) -> Result<(), MapError> {
+        match &mut self.pending {
+            None => self.maps.apply(op),
+            Some(p) => {
+                p.push(op);
+                if p.len >= BATCH_CHUNK
+                    && let Err(e) = self.flush()
+                {
+                    // Seen at the next barrier, which abandons the batches.
+                    self.batch_error.get_or_insert(e);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends the queued writes (an ordering barrier of a batched sync).
+    fn flush(&mut self) -> Result<(), MapError> {
+        if let Some(e) = self.batch_error.take() {
+            return Err(e);
+        }
+        match &mut self.pending {
+            Some(p) if p.len > 0 => {
+                let p = std::mem::take(p);
+                self.maps.apply_batch(p)
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn put_vip(&mut self, addr: [u8; 16], v: VipValue, report: &mut SyncReport) {
         if self.vips.get(&addr) == Some(&v) {
             return;
         }
-        match self.maps.put_vip(addr, v) {
+        match self.op(Op::PutVip(addr, v)) {
             Ok(()) => {
                 report.writes += 1;
                 self.vips.insert(addr, v);
@@ -568,7 +758,7 @@ impl<M: MapOps> SyncEngine<M> {
         if self.frontends.range(lo..=hi).next().is_some() {
             return;
         }
-        match self.maps.del_vip(addr) {
+        match self.op(Op::DelVip(addr)) {
             Ok(()) => {
                 report.deletes += 1;
                 self.vips.remove(&addr);
@@ -590,7 +780,7 @@ impl<M: MapOps> SyncEngine<M> {
                 self.unreferenced.insert(id);
                 continue;
             }
-            match self.maps.del_backend(id) {
+            match self.op(Op::DelBackend(id)) {
                 Ok(()) => {
                     report.deletes += 1;
                     if let Some(b) = self.backends.remove(&id) {
@@ -612,7 +802,7 @@ impl<M: MapOps> SyncEngine<M> {
         }
         let id = self.backend_alloc.take(&mut self.maps)?;
         self.unreferenced.insert(id);
-        self.maps.put_backend(id, b)?;
+        self.op(Op::PutBackend(id, b))?;
         report.writes += 1;
         self.backends.insert(id, b);
         self.backend_ids.insert(b, id);
@@ -625,7 +815,14 @@ impl<M: MapOps> SyncEngine<M> {
     /// shrunk to what its frontends can still reach.
     fn sync_owner(&mut self, items: &[(ServiceKey, &Frontend)], report: &mut SyncReport) {
         let Some(plan) = self.plan_owner(items, report) else { return };
-        let group = if plan.items.iter().any(|(_, fe, _)| fe.affinity_timeout_s.is_some()) {
+        let Some(mut plan) = self.owner_grow(plan, report) else { return };
+        self.owner_values(&mut plan, report);
+        self.owner_shrink(&plan, report);
+    }
+
+    /// The affinity group, then each set grown. `None`: nothing to do.
+    fn owner_grow<'a>(&mut self, mut plan: OwnerPlan<'a>, report: &mut SyncReport) -> Option<OwnerPlan<'a>> {
+        plan.group = if plan.items.iter().any(|(_, fe, _)| fe.affinity_timeout_s.is_some()) {
             match self.groups.get(plan.owner).copied() {
                 Some(g) => g,
                 None => match self.svc_alloc.take(&mut self.maps) {
@@ -635,28 +832,31 @@ impl<M: MapOps> SyncEngine<M> {
                     }
                     Err(e) => {
                         report.failed.push((plan.owner.to_owned(), e.to_string()));
-                        return;
+                        return None;
                     }
                 },
             }
         } else {
             0
         };
-        let mut sets = plan.sets;
-        for sp in &mut sets {
+        for sp in &mut plan.sets {
             if let Err(e) = self.grow_set(sp, plan.owner, report) {
                 report.failed.push((plan.owner.to_owned(), e.to_string()));
                 sp.failed = true;
             }
         }
-        let mut left: BTreeSet<u32> = BTreeSet::new();
+        Some(plan)
+    }
+
+    /// Each frontend's value: its count, flags and set.
+    fn owner_values(&mut self, plan: &mut OwnerPlan<'_>, report: &mut SyncReport) {
         for (key, fe, si) in &plan.items {
-            let sp = &sets[*si];
+            let sp = &plan.sets[*si];
             if sp.failed {
                 continue;
             }
             let value = ServiceValue {
-                backend_id: if fe.affinity_timeout_s.is_some() { group } else { 0 },
+                backend_id: if fe.affinity_timeout_s.is_some() { plan.group } else { 0 },
                 count: sp.ids.len() as u16,
                 flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 }
                     | if fe.drop_when_empty { SVC_F_DROP_EMPTY } else { 0 }
@@ -670,7 +870,7 @@ impl<M: MapOps> SyncEngine<M> {
             if old == Some(value) {
                 continue;
             }
-            if let Err(e) = self.maps.put_service(*key, value) {
+            if let Err(e) = self.op(Op::PutService(*key, value)) {
                 report.failed.push((fe.owner.clone(), e.to_string()));
                 continue;
             }
@@ -681,23 +881,26 @@ impl<M: MapOps> SyncEngine<M> {
                 && let Some(s) = self.sets.get_mut(&old.svc_id)
             {
                 s.users.remove(key);
-                left.insert(old.svc_id);
+                plan.left.insert(old.svc_id);
             }
             self.sets.entry(sp.id).or_default().users.insert(*key);
         }
-        for sp in sets.iter().filter(|sp| !sp.failed) {
+    }
+
+    /// Each set shrunk to what its frontends reach; sets frontends left
+    /// (for another set, perhaps another owner's) gone with their last
+    /// frontend or shrunk to what the rest still reach; new sets whose
+    /// frontends all failed removed.
+    fn owner_shrink(&mut self, plan: &OwnerPlan<'_>, report: &mut SyncReport) {
+        for sp in plan.sets.iter().filter(|sp| !sp.failed) {
             if let Err(e) = self.shrink_set(sp.id, sp.ids.len(), Some(&sp.ranges), report) {
                 report.failed.push((plan.owner.to_owned(), e.to_string()));
             }
         }
-        // Sets frontends left (for another set, perhaps another owner's):
-        // gone with their last frontend, otherwise shrunk to what the rest
-        // still reach; and new sets whose frontends all failed.
-        left.extend(sets.iter().map(|sp| sp.id));
-        for id in left {
+        for id in plan.left.iter().copied().chain(plan.sets.iter().map(|sp| sp.id)) {
             let r = match self.sets.get(&id) {
                 Some(s) if s.users.is_empty() => self.remove_set(id, report),
-                Some(_) if !sets.iter().any(|sp| sp.id == id) => self.shrink_set(id, 0, None, report),
+                Some(_) if !plan.sets.iter().any(|sp| sp.id == id) => self.shrink_set(id, 0, None, report),
                 _ => Ok(()),
             };
             if let Err(e) = r {
@@ -709,7 +912,7 @@ impl<M: MapOps> SyncEngine<M> {
     /// Backend ids, set keys and set ids for one owner's frontends.
     fn plan_owner<'a>(&mut self, items: &[(ServiceKey, &'a Frontend)], report: &mut SyncReport) -> Option<OwnerPlan<'a>> {
         let owner: &'a str = &items.first()?.1.owner;
-        let mut plan = OwnerPlan { owner, sets: Vec::new(), items: Vec::new() };
+        let mut plan = OwnerPlan { owner, group: 0, left: BTreeSet::new(), sets: Vec::new(), items: Vec::new() };
         for (key, fe) in items {
             if fe.backends.len() > MAX_BACKENDS_PER_FRONTEND {
                 let e = MapError::TooManyBackends { count: fe.backends.len(), limit: MAX_BACKENDS_PER_FRONTEND };
@@ -830,7 +1033,7 @@ impl<M: MapOps> SyncEngine<M> {
         let r = (|| {
             for b in &sp.ids {
                 if !set.members.contains(b) {
-                    self.maps.put_member(MemberKey { svc_id: id, backend_id: *b })?;
+                    self.op(Op::PutMember(MemberKey { svc_id: id, backend_id: *b }))?;
                     report.writes += 1;
                     set.members.insert(*b);
                 }
@@ -844,7 +1047,7 @@ impl<M: MapOps> SyncEngine<M> {
                 if set.slots.get(i) == Some(b) {
                     continue;
                 }
-                self.maps.put_service(ServiceKey::set_slot(id, (i + 1) as u16), ServiceValue { backend_id: *b, ..Default::default() })?;
+                self.op(Op::PutService(ServiceKey::set_slot(id, (i + 1) as u16), ServiceValue { backend_id: *b, ..Default::default() }))?;
                 report.writes += 1;
                 if i < set.slots.len() {
                     set.slots[i] = *b;
@@ -866,7 +1069,7 @@ impl<M: MapOps> SyncEngine<M> {
                 let pairs: Vec<(u32, Backend)> = sp.ids.iter().map(|id| (*id, self.backends[id])).collect();
                 self.tables.insert(sp.ids.clone(), Box::new(crate::maglev::table(&pairs)));
             }
-            match self.maps.put_maglev(id, &self.tables[&sp.ids]) {
+            match self.op(Op::PutMaglev(id, self.tables[&sp.ids].clone())) {
                 Ok(()) => {
                     report.writes += 1;
                     set.maglev = Some(sp.ids.clone());
@@ -908,12 +1111,12 @@ impl<M: MapOps> SyncEngine<M> {
         let mut set = cur.clone();
         let r = (|| {
             while set.slots.len() > keep_len {
-                self.maps.del_service(ServiceKey::set_slot(id, set.slots.len() as u16))?;
+                self.op(Op::DelService(ServiceKey::set_slot(id, set.slots.len() as u16)))?;
                 report.deletes += 1;
                 set.slots.pop();
             }
             if !table_used && set.maglev.is_some() {
-                self.maps.del_maglev(id)?;
+                self.op(Op::DelMaglev(id))?;
                 report.deletes += 1;
                 set.maglev = None;
             }
@@ -923,7 +1126,7 @@ impl<M: MapOps> SyncEngine<M> {
                 set.ranges.remove(&r);
             }
             for b in set.members.difference(&keep_members).copied().collect::<Vec<_>>() {
-                self.maps.del_member(MemberKey { svc_id: id, backend_id: b })?;
+                self.op(Op::DelMember(MemberKey { svc_id: id, backend_id: b }))?;
                 report.deletes += 1;
                 set.members.remove(&b);
             }
@@ -940,19 +1143,19 @@ impl<M: MapOps> SyncEngine<M> {
         let mut set = cur.clone();
         let r = (|| {
             while !set.slots.is_empty() {
-                self.maps.del_service(ServiceKey::set_slot(id, set.slots.len() as u16))?;
+                self.op(Op::DelService(ServiceKey::set_slot(id, set.slots.len() as u16)))?;
                 report.deletes += 1;
                 set.slots.pop();
             }
             if set.maglev.is_some() {
                 // (A table the mirror only guessed at may not exist: deleting
                 // an absent key is not an error.)
-                self.maps.del_maglev(id)?;
+                self.op(Op::DelMaglev(id))?;
                 report.deletes += 1;
                 set.maglev = None;
             }
             for b in std::mem::take(&mut set.members) {
-                if let Err(e) = self.maps.del_member(MemberKey { svc_id: id, backend_id: b }) {
+                if let Err(e) = self.op(Op::DelMember(MemberKey { svc_id: id, backend_id: b })) {
                     set.members.insert(b);
                     return Err(e);
                 }
@@ -984,7 +1187,7 @@ impl<M: MapOps> SyncEngine<M> {
 
     fn remove_frontend(&mut self, key: ServiceKey, report: &mut SyncReport) -> Result<(), MapError> {
         let Some(value) = self.frontends.get(&key).copied() else { return Ok(()) };
-        self.maps.del_service(key)?;
+        self.op(Op::DelService(key))?;
         report.deletes += 1;
         self.frontends.remove(&key);
         // From here on nothing reaches the set through this frontend; the
@@ -1018,6 +1221,9 @@ pub struct MemMaps {
     pub capacity_backends: Option<usize>,
     /// Called after each write with the new state.
     pub observer: Option<fn(&MemMaps)>,
+    /// Take the full sync's writes in batches (applied one by one, group
+    /// by group, as the real maps apply them).
+    pub batches: bool,
 }
 
 impl MemMaps {
@@ -1058,6 +1264,9 @@ impl MemMaps {
 }
 
 impl MapOps for MemMaps {
+    fn batches(&self) -> bool {
+        self.batches
+    }
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
         Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
     }

@@ -130,8 +130,11 @@ fn assert_maps_equal_model(m: &MemMaps, d: &Desired) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
     #[test]
-    fn sync_engine_matches_model(steps in prop::collection::vec((desired_strategy(), any::<bool>()), 1..12)) {
-        let maps = MemMaps { observer: Some(observe), ..MemMaps::default() };
+    fn sync_engine_matches_model(steps in prop::collection::vec((desired_strategy(), any::<bool>()), 1..12), batches in any::<bool>()) {
+        // Batched: the full sync's writes queued and applied group by group
+        // at each barrier, as the real maps take them; every intermediate
+        // state is checked all the same.
+        let maps = MemMaps { observer: Some(observe), batches, ..MemMaps::default() };
         let mut engine = SyncEngine::adopt(maps).unwrap();
         let mut before: BTreeMap<ServiceKey, usize> = BTreeMap::new();
         for (state, restart) in steps {
@@ -166,7 +169,15 @@ proptest! {
 
 #[test]
 fn full_map_fails_one_frontend_not_the_others() {
-    let maps = MemMaps { capacity_services: Some(5), ..MemMaps::default() };
+    for batches in [false, true] {
+        full_map_fails_one_frontend_not_the_others_with(batches);
+    }
+}
+
+/// With batches, the failed batch sends the sync back to write-by-write,
+/// which pins the failure on the one frontend.
+fn full_map_fails_one_frontend_not_the_others_with(batches: bool) {
+    let maps = MemMaps { capacity_services: Some(5), batches, ..MemMaps::default() };
     let mut engine = SyncEngine::adopt(maps).unwrap();
     // Frontend 1 needs 1+2 entries, frontend 2 needs 1+3: only one fits.
     let d = build(&[Some((0b11, false)), Some((0b111, false))]);
@@ -223,7 +234,13 @@ fn membership_and_maglev_tables_follow_the_backend_set() {
 
 #[test]
 fn removals_free_space_for_additions_in_the_same_sync_and_failures_are_retried() {
-    let maps = MemMaps { capacity_services: Some(5), ..MemMaps::default() };
+    for batches in [false, true] {
+        removals_free_space_with(batches);
+    }
+}
+
+fn removals_free_space_with(batches: bool) {
+    let maps = MemMaps { capacity_services: Some(5), batches, ..MemMaps::default() };
     let mut engine = SyncEngine::adopt(maps).unwrap();
     // Frontend 1 takes 3 entries.
     assert!(engine.sync(&build(&[Some((0b11, false))])).failed.is_empty());
