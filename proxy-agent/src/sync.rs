@@ -283,6 +283,8 @@ pub struct SyncEngine<M: MapOps> {
     pending: Option<Pending>,
     /// The first batch of this sync that failed.
     batch_error: Option<MapError>,
+    /// The mirror must be read back from the maps before the next sync.
+    needs_reload: bool,
 }
 
 /// The map key of a frontend (slot 0).
@@ -434,6 +436,7 @@ impl<M: MapOps> SyncEngine<M> {
             groups: HashMap::new(),
             pending: None,
             batch_error: None,
+            needs_reload: false,
         };
         engine.install(st)?;
         Ok(engine)
@@ -444,10 +447,17 @@ impl<M: MapOps> SyncEngine<M> {
     /// back (an entry deleted or rewritten by hand, a write that was lost).
     /// Maglev tables are trusted where the set is as the mirror had it.
     pub fn reload(&mut self) -> Result<(), MapError> {
+        self.reload_trusting(true)
+    }
+
+    /// [`SyncEngine::reload`]; `trust_tables` false after a failed batch,
+    /// when the mirror may name tables that were never written (they are
+    /// all computed and written again).
+    fn reload_trusting(&mut self, trust_tables: bool) -> Result<(), MapError> {
         let mut st = read_state(&self.maps)?;
         for (id, set) in &mut st.sets {
             if let Some(old) = self.sets.get(id) {
-                if old.slots == set.slots && set.maglev.is_some() {
+                if trust_tables && old.slots == set.slots && set.maglev.is_some() {
                     set.maglev.clone_from(&old.maglev);
                 }
                 set.claim.clone_from(&old.claim);
@@ -534,7 +544,7 @@ impl<M: MapOps> SyncEngine<M> {
     /// the sync is done again write by write, which pins each failure on
     /// its frontend.
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
-        if self.maps.batches() {
+        if self.maps.batches() && !self.needs_reload {
             self.pending = Some(Pending::default());
             self.batch_error = None;
             let r = self.sync_inner(desired, true);
@@ -543,26 +553,44 @@ impl<M: MapOps> SyncEngine<M> {
                 Ok(report) => return report,
                 Err(e) => {
                     tracing::warn!(error = %e, "a batched map write failed; re-reading the maps and syncing write by write");
-                    if let Err(e) = self.reload() {
-                        tracing::warn!(error = %e, "re-reading the maps");
-                    }
+                    self.needs_reload = true;
+                }
+            }
+        }
+        let mut failed = Vec::new();
+        if std::mem::take(&mut self.needs_reload) {
+            match self.reload_trusting(false) {
+                Ok(()) => {
                     // Sets the failed batches wrote for frontends they did
                     // not reach hold map space the retry may need.
-                    let unused: Vec<u32> = self.sets.iter().filter(|(_, s)| s.users.is_empty()).map(|(id, _)| *id).collect();
+                    let unused: Vec<u32> =
+                        self.sets.iter().filter(|(_, s)| s.users.is_empty()).map(|(id, _)| *id).collect();
+                    let mut report = SyncReport::default();
                     for id in unused {
                         if let Some(set) = self.sets.get_mut(&id) {
                             // A table may be there without a frontend flagging it.
                             set.maglev.get_or_insert_with(Vec::new);
                         }
-                        let mut report = SyncReport::default();
                         if let Err(e) = self.remove_set(id, &mut report) {
-                            tracing::warn!(error = %e, set = id, "removing an unused backend set");
+                            failed.push((format!("backend set {id}"), e.to_string()));
                         }
                     }
                 }
+                Err(e) => {
+                    // The mirror may say more than the maps hold: retried at
+                    // the next sync, which the failure below makes happen.
+                    self.needs_reload = true;
+                    failed.push(("re-reading the maps after a failed batch".into(), e.to_string()));
+                }
             }
         }
-        self.sync_inner(desired, false).unwrap_or_else(|e| SyncReport { failed: vec![("sync".into(), e.to_string())], ..SyncReport::default() })
+        let mut report = if self.needs_reload {
+            SyncReport::default()
+        } else {
+            self.sync_inner(desired, false).unwrap_or_else(|e| SyncReport { failed: vec![("sync".into(), e.to_string())], ..SyncReport::default() })
+        };
+        report.failed.extend(failed);
+        report
     }
 
     fn sync_inner(&mut self, desired: &Desired, batched: bool) -> Result<SyncReport, MapError> {
@@ -590,6 +618,7 @@ impl<M: MapOps> SyncEngine<M> {
             .flat_map(|(k, fe)| fe.backends.iter().map(|b| backend_value(b, k.proto)))
             .collect();
         self.delete_unused_backends(|b| wanted_backends.contains(b), &mut report);
+        self.flush()?;
         // ClientIP affinity is per Service port: one group id shared by the
         // port's frontends, kept from what is programmed when possible.
         // A programmed group is kept only by the owner it was given to (a
@@ -641,6 +670,14 @@ impl<M: MapOps> SyncEngine<M> {
         let gone: Vec<[u8; 16]> = self.vips.keys().filter(|a| !wanted_vips.contains_key(*a)).copied().collect();
         for addr in gone {
             self.del_vip_if_unused(addr, &mut report);
+        }
+        // Sets no frontend names after a full sync (one whose removal failed
+        // before, under a claim no Service port holds any more).
+        let unused: Vec<u32> = self.sets.iter().filter(|(_, s)| s.users.is_empty()).map(|(id, _)| *id).collect();
+        for id in unused {
+            if let Err(e) = self.remove_set(id, &mut report) {
+                report.failed.push((format!("backend set {id}"), e.to_string()));
+            }
         }
         // The earlier layout's per-frontend slots: no program reads them now.
         for k in std::mem::take(&mut self.legacy) {
@@ -892,8 +929,15 @@ impl<M: MapOps> SyncEngine<M> {
     /// frontend or shrunk to what the rest still reach; new sets whose
     /// frontends all failed removed.
     fn owner_shrink(&mut self, plan: &OwnerPlan<'_>, report: &mut SyncReport) {
-        for sp in plan.sets.iter().filter(|sp| !sp.failed) {
-            if let Err(e) = self.shrink_set(sp.id, sp.ids.len(), Some(&sp.ranges), report) {
+        for (si, sp) in plan.sets.iter().enumerate().filter(|(_, sp)| !sp.failed) {
+            // The set's ranges are those of this plan only if it holds every
+            // frontend of the set (an incremental sync passes only the
+            // frontends that changed).
+            let covers = self.sets.get(&sp.id).is_some_and(|set| {
+                set.users.iter().all(|k| plan.items.iter().any(|(key, _, i)| key == k && *i == si))
+            });
+            let ranges = covers.then_some(&sp.ranges);
+            if let Err(e) = self.shrink_set(sp.id, sp.ids.len(), ranges, report) {
                 report.failed.push((plan.owner.to_owned(), e.to_string()));
             }
         }
@@ -1100,7 +1144,11 @@ impl<M: MapOps> SyncEngine<M> {
             None if ranges_used => cur.ranges.clone(),
             None => BTreeSet::new(),
         };
-        let keep_members: BTreeSet<u32> = cur.slots[..keep_len].iter().copied().collect();
+        // Members the kept slots name, and those of a table still in use.
+        let mut keep_members: BTreeSet<u32> = cur.slots[..keep_len].iter().copied().collect();
+        if table_used && let Some(ids) = &cur.maglev {
+            keep_members.extend(ids.iter().copied());
+        }
         if cur.slots.len() == keep_len
             && (table_used || cur.maglev.is_none())
             && cur.members.is_subset(&keep_members)

@@ -618,9 +618,11 @@ pub fn translate_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeIn
             out.skipped.extend(skips.into_iter().map(|reason| Skip { owner: port_owner.clone(), reason }));
             continue;
         }
-        // eTP=Cluster external frontends get the internal list's set when
-        // the two lists are the same (no internalTrafficPolicy Local).
-        let ext_list = if cluster_backends_ext == cluster_backends { BackendList::Internal } else { BackendList::External };
+        // eTP=Cluster external frontends share the internal list's set
+        // unless internalTrafficPolicy Local narrows that list (decided by
+        // the spec, not the endpoints, so a set keeps its id as endpoints
+        // come and go).
+        let ext_list = if internal_local { BackendList::External } else { BackendList::Internal };
         let base = |ip: IpAddr, port: u16, kind: FrontendKind, scope: Scope, backends: &Vec<BackendAddr>, list: BackendList, local: bool| Frontend {
             addr: FrontendAddr { ip, port, proto, scope },
             kind,

@@ -353,3 +353,40 @@ fn frontends_of_a_service_port_share_backend_sets_by_endpoint_list() {
     let r = again.sync(&objects("Cluster", "Local"));
     assert_eq!((r.writes, r.deletes), (2, 0), "only the Maglev tables are rewritten (their ids are not read back): {r:?}");
 }
+
+/// An incremental sync that passes only one new frontend of a Service port
+/// (an externalIP added) keeps the source ranges its LoadBalancer frontend
+/// checks in the set they share.
+#[test]
+fn a_partial_change_keeps_the_source_ranges_of_a_shared_set() {
+    let lb = FrontendAddr { ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)), port: 80, proto: Proto::Tcp, scope: Scope::External };
+    let ext = FrontendAddr { ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11)), ..lb };
+    let fe = |addr: FrontendAddr, kind: FrontendKind, ranges: bool| Frontend {
+        addr,
+        kind,
+        owner: "ns/web:http".into(),
+        backends: vec![backend(1), backend(2)],
+        list: BackendList::Internal,
+        affinity_timeout_s: None,
+        drop_when_empty: false,
+        two_scopes: false,
+        source_ranges: ranges.then(|| vec![SourceRange { ip: Ipv4Addr::new(203, 0, 113, 0), len: 24 }]),
+    };
+    let mut engine = SyncEngine::adopt(MemMaps { observer: Some(observe), ..MemMaps::default() }).unwrap();
+    let lb_fe = fe(lb, FrontendKind::LoadBalancer, true);
+    let mut d = Desired::default();
+    d.frontends.insert(lb, lb_fe.clone());
+    assert!(engine.sync(&d).failed.is_empty());
+    assert_eq!(engine.maps().src_ranges.len(), 1);
+    let ext_fe = fe(ext, FrontendKind::ExternalIp, false);
+    let r = engine.sync_changes(&[(ext, Some(&ext_fe))], &[]);
+    assert!(r.failed.is_empty(), "{r:?}");
+    let m = engine.maps();
+    let (lv, ev) = (m.services[&frontend_key(&lb)], m.services[&frontend_key(&ext)]);
+    assert_eq!(lv.svc_id, ev.svc_id, "one set for the port's two frontends");
+    assert_eq!(m.src_ranges.len(), 1, "the LoadBalancer's range stays");
+    // The full sync of the same state agrees and writes nothing.
+    d.frontends.insert(ext, ext_fe);
+    let again = engine.sync(&d);
+    assert_eq!((again.writes, again.deletes), (0, 0), "{again:?}");
+}
