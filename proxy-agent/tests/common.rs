@@ -35,6 +35,8 @@ pub struct EnvOpts {
     pub interfaces: Vec<String>,
     pub socket_lb: datapath::SocketLb,
     pub cgroup_root: Option<std::path::PathBuf>,
+    /// Capacity of the services map (frontends plus set slots).
+    pub max_services: u32,
 }
 
 impl Default for EnvOpts {
@@ -47,6 +49,7 @@ impl Default for EnvOpts {
             interfaces: vec!["veth*".into()],
             socket_lb: datapath::SocketLb::Off,
             cgroup_root: None,
+            max_services: proxy_common::DEFAULT_MAX_SERVICE_ENTRIES,
         }
     }
 }
@@ -77,6 +80,7 @@ impl Env {
                 max_conntrack_other: opts.max_conntrack_other,
                 socket_lb: opts.socket_lb,
                 cgroup_root: opts.cgroup_root.clone(),
+                max_services: opts.max_services,
                 ..Default::default()
             },
             interfaces: opts.interfaces.clone(),

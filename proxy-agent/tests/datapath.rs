@@ -339,3 +339,36 @@ fn a_full_resync_repairs_a_frontend_deleted_behind_the_agents_back() {
     let (answer, _) = tcp_request(env.client(0), sa(VIP, 80), T).expect("repaired by the full resync");
     assert!(["b0", "b1", "b2"].contains(&answer.as_str()));
 }
+
+/// A Service that does not fit the services map fails, keeps failing on
+/// every full apply of the same objects (the apply that finds nothing
+/// changed still retries what failed), and is programmed once another
+/// Service's removal frees the space: traffic then reaches it.
+#[test]
+fn a_service_that_did_not_fit_is_retried_and_programmed_once_space_is_freed() {
+    // web (1 frontend + 3 slots) fits; big (1 + 3) does not: 6 entries.
+    let mut env = Env::build("fit", 1, 3, common::EnvOpts { max_services: 6, ..common::EnvOpts::default() });
+    let ports = [(80, "TCP")];
+    let all = [env.backend_ip(0), env.backend_ip(1), env.backend_ip(2)];
+    let web = service("web", "10.96.0.10", &ports, "") + &slice("web", "web-1", &ports, &all);
+    // (Service ports are programmed in name order: web first.)
+    let big = service("zbig", "10.96.0.20", &ports, "") + &slice("zbig", "zbig-1", &ports, &all);
+    let both = proxy_agent::manifests::parse_str(&(web + &big), "test").unwrap();
+    let apply = |env: &mut Env, objs: &proxy_agent::manifests::Objects| {
+        env.agent().apply(&objs.services, &objs.slices, &objs.nodes, Instant::now())
+    };
+    let r = apply(&mut env, &both);
+    assert_eq!(r.failed.len(), 1, "one Service fails: {r:?}");
+    assert!(r.failed[0].1.contains("full"), "{r:?}");
+    assert!(tcp_request(env.client(0), sa(VIP, 80), T).is_ok(), "the Service that fit works");
+    for _ in 0..2 {
+        let again = apply(&mut env, &both);
+        assert_eq!(again.failed.len(), 1, "retried, not skipped: {again:?}");
+    }
+    // web goes: big fits now.
+    let only_big = proxy_agent::manifests::parse_str(&big, "test").unwrap();
+    let r = apply(&mut env, &only_big);
+    assert!(r.failed.is_empty(), "{r:?}");
+    let (answer, _) = tcp_request(env.client(0), sa(Ipv4Addr::new(10, 96, 0, 20), 80), T).expect("big is programmed");
+    assert!(["b0", "b1", "b2"].contains(&answer.as_str()));
+}
