@@ -46,6 +46,10 @@ struct Opts {
     /// --quick), and agent memory. Prints the sync figures and summary.
     #[arg(long)]
     sync_only: bool,
+    /// Agent memory only: RSS at 10,000 Services x 10 endpoints and at
+    /// 100,000 x 2, printed as `rss10k_mb=.. rss100k_mb=..`.
+    #[arg(long)]
+    memory_only: bool,
     /// Concurrent client connections.
     #[arg(long, default_value_t = 2)]
     concurrency: usize,
@@ -313,6 +317,15 @@ fn main() -> anyhow::Result<()> {
         println!("{full}\n# change\n{change}");
         let (full, change) = rules::nftables(n, &b, CHANGED_EP, "n");
         println!("{full}\n# change\n{change}");
+        return Ok(());
+    }
+    if opts.memory_only {
+        let small = load::memory(10_000, 10)?;
+        let big = load::memory(100_000, 2)?;
+        println!(
+            "rss10k_mb={:.1} rss100k_mb={:.1} maps10k_mb={:.1} maps100k_mb={:.1}",
+            small.rss_mb, big.rss_mb, small.maps_mb, big.maps_mb
+        );
         return Ok(());
     }
     let counts: Vec<usize> = if opts.smoke {
