@@ -79,16 +79,31 @@ pub struct Agent {
     versions: std::collections::HashMap<ServiceId, SeenVersions>,
     /// Health check port of each Service that has one.
     health_checks: BTreeMap<ServiceId, (u16, crate::healthcheck::HealthCheck)>,
+    /// Counts full syncs: a Service a full sync did not see is gone.
+    generation: u64,
 }
 
 type ServiceId = crate::incremental::ServiceId;
 
 /// A Service's resourceVersion (`None`: no Service object, only slices) and
-/// its slices' (resourceVersion, trigger time) by name.
+/// its slices' (name, resourceVersion, trigger time).
 #[derive(Default)]
 struct SeenVersions {
     service: Option<Option<String>>,
-    slices: BTreeMap<String, (Option<String>, Option<String>)>,
+    /// Sorted by name, one entry per name: a `Vec`, as most Services have
+    /// one slice and a B-tree node would cost most of a kilobyte each.
+    slices: Vec<SeenSlice>,
+    /// The full sync that last saw the Service ([`Agent::full_sync`]).
+    generation: u64,
+}
+
+/// A slice's name, resourceVersion and trigger time.
+type SeenSlice = (String, Option<String>, Option<String>);
+
+impl SeenVersions {
+    fn slice(&self, name: &str) -> Option<&SeenSlice> {
+        self.slices.binary_search_by(|s| s.0.as_str().cmp(name)).ok().map(|i| &self.slices[i])
+    }
 }
 
 /// Whether `ip` lies in `net/len`.
@@ -223,6 +238,7 @@ impl Agent {
             health: crate::healthcheck::HealthServer::new(),
             versions: std::collections::HashMap::new(),
             health_checks: BTreeMap::new(),
+            generation: 0,
         })
     }
 
@@ -394,16 +410,71 @@ impl Agent {
         nodes: &[Node],
         seen_at: Instant,
     ) -> SyncReport {
+        let mut groups: BTreeMap<ServiceId, (Option<&Service>, Vec<&EndpointSlice>)> = BTreeMap::new();
+        for svc in services {
+            groups.entry(crate::incremental::service_id(svc)).or_default().0 = Some(svc);
+        }
+        for sl in slices {
+            if let Some(id) = crate::incremental::slice_owner(sl) {
+                groups.entry(id).or_default().1.push(sl);
+            }
+        }
+        self.full_sync(nodes, seen_at, |one| {
+            for (id, (svc, sl)) in &groups {
+                one(id, *svc, sl);
+            }
+        })
+    }
+
+    /// [`Agent::apply`] from owned objects, one Service at a time: its id,
+    /// its Service object (`None`: only slices) and its EndpointSlices. Every
+    /// Service comes once; none needs to be held after its turn (standalone
+    /// mode decodes them from compact copies as they are needed).
+    pub fn apply_groups(
+        &mut self,
+        groups: impl IntoIterator<Item = (ServiceId, Option<Service>, Vec<EndpointSlice>)>,
+        nodes: &[Node],
+        seen_at: Instant,
+    ) -> SyncReport {
+        self.full_sync(nodes, seen_at, |one| {
+            for (id, svc, slices) in groups {
+                let slices: Vec<&EndpointSlice> = slices.iter().collect();
+                one(&id, svc.as_ref(), &slices);
+            }
+        })
+    }
+
+    /// The full sync of [`Agent::apply`]: `feed` gives every Service id
+    /// once, with its Service (`None`: only slices) and its slices.
+    fn full_sync(
+        &mut self,
+        nodes: &[Node],
+        seen_at: Instant,
+        feed: impl FnOnce(&mut dyn FnMut(&ServiceId, Option<&Service>, &[&EndpointSlice])),
+    ) -> SyncReport {
         let start = Instant::now();
         let reload = std::mem::take(&mut self.reload_due);
         if reload && let Err(e) = self.engine.reload() {
             tracing::warn!(error = %e, "re-reading the maps for a full resync; syncing from the mirror");
         }
         let node = self.current_node(nodes);
-        let services: Vec<&Service> = services.into_iter().collect();
-        let slices: Vec<&EndpointSlice> = slices.into_iter().collect();
-        let delta = self.index.sync_all(services.iter().copied(), slices.iter().copied(), &node);
-        self.observe_all(&services, &slices, nodes, &node.name);
+        let mut full = self.index.begin_full(&node);
+        self.generation += 1;
+        feed(&mut |id, svc, slices| {
+            if let Some(svc) = svc {
+                self.index.full_service(&mut full, id, svc, slices);
+            }
+            // Health check ports and kube-proxy's change counters.
+            self.observe_service(id, svc, slices, &node.name);
+        });
+        let delta = self.index.finish_full(full);
+        // Services gone since the last full sync count as changes too.
+        let gone: Vec<ServiceId> =
+            self.versions.iter().filter(|(_, v)| v.generation != self.generation).map(|(id, _)| id.clone()).collect();
+        for id in gone {
+            self.observe_service(&id, None, &[], &node.name);
+        }
+        self.after_observe(nodes, &node.name);
         // UDP flows of a backend that left a frontend move at their next
         // packet (the datapath checks membership); the collector removes
         // their entries in the background.
@@ -485,58 +556,44 @@ impl Agent {
         }
     }
 
-    /// Every Service and its slices, after a full sync: health check ports
-    /// and kube-proxy's change counters (Services gone since count too).
-    fn observe_all(&mut self, services: &[&Service], slices: &[&EndpointSlice], nodes: &[Node], node_name: &str) {
-        let mut groups: BTreeMap<ServiceId, (Option<&Service>, Vec<&EndpointSlice>)> = BTreeMap::new();
-        for svc in services {
-            groups.entry(crate::incremental::service_id(svc)).or_default().0 = Some(*svc);
-        }
-        for sl in slices {
-            if let Some(id) = crate::incremental::slice_owner(sl) {
-                groups.entry(id).or_default().1.push(*sl);
-            }
-        }
-        let gone: Vec<ServiceId> = self.versions.keys().filter(|id| !groups.contains_key(*id)).cloned().collect();
-        for id in gone {
-            self.observe_service(&id, None, &[], node_name);
-        }
-        for (id, (svc, sl)) in &groups {
-            self.observe_service(id, *svc, sl, node_name);
-        }
-        self.after_observe(nodes, node_name);
-    }
-
     /// One Service (`None`: deleted) and its slices as they are now:
     /// kube-proxy's change counters and network programming latency (from
     /// the slices' trigger times), and its health check port.
     fn observe_service(&mut self, id: &ServiceId, svc: Option<&Service>, slices: &[&EndpointSlice], node_name: &str) {
         let old = self.versions.remove(id).unwrap_or_default();
-        let mut now_seen = SeenVersions { service: svc.map(|s| s.metadata.resource_version.clone()), slices: BTreeMap::new() };
-        if old.service != now_seen.service || now_seen.service.as_ref().is_some_and(Option::is_none) {
+        let service = svc.map(|s| s.metadata.resource_version.clone());
+        if old.service != service || service.as_ref().is_some_and(Option::is_none) {
             self.metrics.service_changes.fetch_add(1, Ordering::Relaxed);
         }
         let now = k8s_openapi::jiff::Timestamp::now();
+        let mut seen: Vec<SeenSlice> = Vec::with_capacity(slices.len());
         for sl in slices {
             let name = sl.metadata.name.clone().unwrap_or_default();
             let rv = sl.metadata.resource_version.clone();
             let trigger = sl.metadata.annotations.as_ref().and_then(|a| a.get(crate::store::TRIGGER_TIME_ANNOTATION)).cloned();
-            match old.slices.get(&name) {
-                Some((orv, _)) if *orv == rv && rv.is_some() => {}
+            let prev = old.slice(&name);
+            match prev {
+                Some((_, orv, _)) if *orv == rv && rv.is_some() => {}
                 _ => {
                     self.metrics.endpoint_changes.fetch_add(1, Ordering::Relaxed);
                 }
             }
             if let Some(t) = &trigger
-                && old.slices.get(&name).and_then(|(_, ot)| ot.as_ref()) != Some(t)
+                && prev.and_then(|(_, _, ot)| ot.as_ref()) != Some(t)
                 && let Ok(at) = t.parse::<k8s_openapi::jiff::Timestamp>()
                 && let Ok(d) = std::time::Duration::try_from(now.duration_since(at))
             {
                 self.metrics.observe_network_programming(d);
             }
-            now_seen.slices.insert(name, (rv, trigger));
+            seen.push((name, rv, trigger));
         }
-        let removed = old.slices.keys().filter(|n| !now_seen.slices.contains_key(*n)).count() as u64;
+        // One entry per name, the last one given (as a map insert keeps).
+        seen.reverse();
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        seen.dedup_by(|later, kept| later.0 == kept.0);
+        seen.shrink_to_fit();
+        let now_seen = SeenVersions { service, slices: seen, generation: self.generation };
+        let removed = old.slices.iter().filter(|(n, _, _)| now_seen.slice(n).is_none()).count() as u64;
         self.metrics.endpoint_changes.fetch_add(removed, Ordering::Relaxed);
         match svc.and_then(|s| crate::healthcheck::health_check_of(s, slices, node_name)) {
             Some(hc) => {

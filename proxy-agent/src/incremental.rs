@@ -59,6 +59,15 @@ struct Entry {
     created: Option<k8s_openapi::jiff::Timestamp>,
     fingerprint: Option<String>,
     t: Translation,
+    /// The full sync that last saw the Service ([`Index::begin_full`]).
+    generation: u64,
+}
+
+/// A full sync in progress: [`Index::begin_full`], [`Index::full_service`]
+/// for every Service, [`Index::finish_full`].
+#[derive(Debug, Default)]
+pub struct FullSync {
+    delta: Delta,
 }
 
 /// What one update changed in the desired state.
@@ -93,6 +102,8 @@ pub struct Index {
     with_skips: HashSet<ServiceId>,
     /// Addresses with more than one claimant (conflicts to report).
     contested: HashSet<FrontendAddr>,
+    /// Counts full syncs: a Service a full sync did not see is gone.
+    generation: u64,
 }
 
 /// Every frontend address at `ip`, as a range of the ordered map.
@@ -161,6 +172,28 @@ impl Index {
         slices: impl IntoIterator<Item = &'a EndpointSlice>,
         node: &NodeInfo,
     ) -> Delta {
+        let mut full = self.begin_full(node);
+        let mut by_owner: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::with_capacity(self.services.len());
+        for s in slices {
+            if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+                let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+                by_owner.entry((ns, svc.as_str())).or_default().push(s);
+            }
+        }
+        let empty = Vec::new();
+        for svc in services {
+            let id = service_id(svc);
+            let svc_slices = by_owner.get(&(id.0.as_str(), id.1.as_str())).unwrap_or(&empty);
+            self.full_service(&mut full, &id, svc, svc_slices);
+        }
+        self.finish_full(full)
+    }
+
+    /// Starts bringing the index to a full set of Services (what
+    /// [`Index::sync_all`] does, one Service at a time, so the caller need
+    /// not hold every object at once). A different `node` re-translates
+    /// everything.
+    pub fn begin_full(&mut self, node: &NodeInfo) -> FullSync {
         let mut delta = Delta::default();
         if !self.is_for(node) {
             // Every Service's translation depends on the node: start over,
@@ -176,22 +209,24 @@ impl Index {
                 delta.vips.insert(IpAddr::V4(a));
             }
         }
-        let mut by_owner: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::with_capacity(self.services.len());
-        for s in slices {
-            if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-                let ns = s.metadata.namespace.as_deref().unwrap_or("default");
-                by_owner.entry((ns, svc.as_str())).or_default().push(s);
-            }
+        self.generation += 1;
+        FullSync { delta }
+    }
+
+    /// One Service of a full sync, with its slices. A Service given twice
+    /// keeps the last.
+    pub fn full_service(&mut self, full: &mut FullSync, id: &ServiceId, svc: &Service, slices: &[&EndpointSlice]) {
+        self.update_one(id, Some(svc), slices, &mut full.delta);
+        if let Some(e) = self.services.get_mut(id) {
+            e.generation = self.generation;
         }
-        let mut live: HashSet<ServiceId> = HashSet::with_capacity(self.services.len());
-        let empty = Vec::new();
-        for svc in services {
-            let id = service_id(svc);
-            let svc_slices = by_owner.get(&(id.0.as_str(), id.1.as_str())).unwrap_or(&empty);
-            self.update_one(&id, Some(svc), svc_slices, &mut delta);
-            live.insert(id);
-        }
-        let gone: Vec<ServiceId> = self.services.keys().filter(|id| !live.contains(*id)).cloned().collect();
+    }
+
+    /// Ends a full sync: the Services it did not see go. Returns what changed.
+    pub fn finish_full(&mut self, full: FullSync) -> Delta {
+        let FullSync { mut delta } = full;
+        let gone: Vec<ServiceId> =
+            self.services.iter().filter(|(_, e)| e.generation != self.generation).map(|(id, _)| id.clone()).collect();
         for id in gone {
             self.update_one(&id, None, &[], &mut delta);
         }
@@ -240,11 +275,15 @@ impl Index {
         }
         let Some(svc) = svc else { return };
         let node = self.node.clone().unwrap_or_default();
-        let t = translate_service(svc, slices, &node);
+        let mut t = translate_service(svc, slices, &node);
+        // Kept until the Service changes: no spare capacity (most have one
+        // or two frontends, a growing Vec holds four).
+        t.frontends.shrink_to_fit();
+        t.skipped.shrink_to_fit();
         let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
         for (idx, fe) in t.frontends.iter().enumerate() {
             let c = Claim { kind: kind_rank(fe.kind), created, id: id.clone(), idx };
-            let set = self.claims.entry(fe.addr).or_default();
+            let set = self.claims.entry(fe.addr).or_insert_with(|| Vec::with_capacity(1));
             if let Err(i) = set.binary_search(&c) {
                 set.insert(i, c);
             }
@@ -256,7 +295,7 @@ impl Index {
         if !t.skipped.is_empty() {
             self.with_skips.insert(id.clone());
         }
-        self.services.insert(id.clone(), Entry { created, fingerprint: fp, t });
+        self.services.insert(id.clone(), Entry { created, fingerprint: fp, t, generation: self.generation });
     }
 
     /// Resolves the touched addresses to their winners, keeps in `delta`
