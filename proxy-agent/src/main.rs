@@ -420,7 +420,7 @@ async fn run_standalone(
             metrics.queued(proxy_agent::metrics::unix_ms());
         }
         if changed || first || resync || agent.has_failures() {
-            agent.apply(manifests.services(), manifests.slices(), &manifests.nodes(), seen);
+            agent.apply_groups(manifests.groups(), &manifests.nodes(), seen);
             if first {
                 metrics.ready.store(true, Ordering::Relaxed);
                 tracing::info!("first sync programmed; ready");

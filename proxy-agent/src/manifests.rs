@@ -71,51 +71,152 @@ fn doc_id(value: &serde_norway::Value) -> DocId {
     (s(value.get("kind")), s(meta.and_then(|m| m.get("namespace"))), s(meta.and_then(|m| m.get("name"))))
 }
 
-fn ids_of(objs: &Objects) -> Vec<(DocId, Objects)> {
-    let id = |kind: &str, m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        (kind.to_owned(), m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
-    };
-    let mut out = Vec::new();
-    for o in &objs.services {
-        out.push((id("Service", &o.metadata), Objects { services: vec![o.clone()], ..Objects::default() }));
-    }
-    for o in &objs.slices {
-        out.push((id("EndpointSlice", &o.metadata), Objects { slices: vec![o.clone()], ..Objects::default() }));
-    }
-    for o in &objs.nodes {
-        out.push((id("Node", &o.metadata), Objects { nodes: vec![o.clone()], ..Objects::default() }));
-    }
-    out
+fn meta_id(kind: &str, m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> DocId {
+    (kind.to_owned(), m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
 }
 
-/// Parses a stream document by document. A document that is valid YAML but
-/// not a valid object keeps `previous`'s version of the same object (kind,
-/// namespace, name): one bad edit in a multi-document file never drops the
-/// file's other objects, nor that object's last good version. Invalid YAML
-/// fails the whole stream (its documents cannot be told apart).
-pub fn parse_str_keeping(text: &str, src: &str, previous: &Objects) -> anyhow::Result<(Objects, Vec<anyhow::Error>)> {
-    let mut objs = Objects::default();
+/// A Service or EndpointSlice as standalone mode keeps it between syncs:
+/// stripped as the Kubernetes mode's watchers keep objects
+/// ([`crate::store`]), as compact JSON behind a header naming the Service
+/// it belongs to, in one allocation. A decoded object costs several times
+/// more (a `Service` alone is most of a kilobyte before its strings); the
+/// objects are decoded one Service at a time when a sync needs them.
+///
+/// Layout: kind, namespace length and Service name length (u32, little
+/// endian), namespace, Service name, JSON.
+struct Stored(Box<[u8]>);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StoredKind {
+    Service,
+    Slice,
+    /// A slice that names no Service: nothing reads it.
+    OrphanSlice,
+}
+
+const HEADER: usize = 9;
+
+impl Stored {
+    fn service(mut svc: Service) -> Self {
+        crate::store::strip_service(&mut svc);
+        let (ns, name) = crate::incremental::service_id(&svc);
+        Self::new(StoredKind::Service, &ns, &name, &svc)
+    }
+
+    fn slice(mut slice: EndpointSlice) -> Self {
+        crate::store::strip_slice(&mut slice);
+        match crate::incremental::slice_owner(&slice) {
+            Some((ns, svc)) => Self::new(StoredKind::Slice, &ns, &svc, &slice),
+            None => Self::new(StoredKind::OrphanSlice, "", "", &slice),
+        }
+    }
+
+    fn new(kind: StoredKind, ns: &str, svc: &str, obj: &impl serde::Serialize) -> Self {
+        let mut v = Vec::with_capacity(HEADER + ns.len() + svc.len() + 256);
+        v.push(kind as u8);
+        v.extend_from_slice(&(ns.len() as u32).to_le_bytes());
+        v.extend_from_slice(&(svc.len() as u32).to_le_bytes());
+        v.extend_from_slice(ns.as_bytes());
+        v.extend_from_slice(svc.as_bytes());
+        // Writing to memory fails only for maps with non-string keys, which
+        // API objects do not have.
+        serde_json::to_writer(&mut v, obj).expect("an API object serializes to JSON");
+        Self(v.into_boxed_slice())
+    }
+
+    fn kind(&self) -> StoredKind {
+        match self.0[0] {
+            0 => StoredKind::Service,
+            1 => StoredKind::Slice,
+            _ => StoredKind::OrphanSlice,
+        }
+    }
+
+    fn lens(&self) -> (usize, usize) {
+        let n = |i: usize| u32::from_le_bytes(self.0[i..i + 4].try_into().expect("4 bytes")) as usize;
+        (n(1), n(5))
+    }
+
+    /// The Service this object belongs to: (namespace, name).
+    fn owner(&self) -> (&str, &str) {
+        let (ns, svc) = self.lens();
+        let text = |r: std::ops::Range<usize>| std::str::from_utf8(&self.0[r]).expect("written from a str");
+        (text(HEADER..HEADER + ns), text(HEADER + ns..HEADER + ns + svc))
+    }
+
+    fn json(&self) -> &[u8] {
+        let (ns, svc) = self.lens();
+        &self.0[HEADER + ns + svc..]
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self) -> anyhow::Result<T> {
+        serde_json::from_slice(self.json()).context("decoding a stored object")
+    }
+
+    /// (kind, namespace, name) as the document named it.
+    fn doc_id(&self) -> Option<DocId> {
+        match self.kind() {
+            StoredKind::Service => self.decode::<Service>().ok().map(|o| meta_id("Service", &o.metadata)),
+            StoredKind::Slice | StoredKind::OrphanSlice => {
+                self.decode::<EndpointSlice>().ok().map(|o| meta_id("EndpointSlice", &o.metadata))
+            }
+        }
+    }
+}
+
+/// What one file holds: its Services and slices, compact, in file order,
+/// and its Nodes (few; kept as they are).
+#[derive(Default)]
+struct FileObjects {
+    docs: Vec<Stored>,
+    nodes: Vec<Node>,
+}
+
+impl FileObjects {
+    fn add(&mut self, objs: Objects) {
+        self.docs.extend(objs.services.into_iter().map(Stored::service));
+        self.docs.extend(objs.slices.into_iter().map(Stored::slice));
+        self.nodes.extend(objs.nodes);
+    }
+}
+
+/// Parses a file's stream document by document. A document that is valid
+/// YAML but not a valid object keeps `previous`'s version of the same
+/// object (kind, namespace, name): one bad edit in a multi-document file
+/// never drops the file's other objects, nor that object's last good
+/// version. Invalid YAML fails the whole stream (its documents cannot be
+/// told apart).
+fn parse_file_keeping(text: &str, src: &str, previous: &FileObjects) -> anyhow::Result<(FileObjects, Vec<anyhow::Error>)> {
+    let mut objs = FileObjects::default();
     let mut errors = Vec::new();
-    let old = ids_of(previous);
+    // The previous objects' ids, read when a document first fails.
+    let mut old: Option<Vec<Option<DocId>>> = None;
     for doc in serde_norway::Deserializer::from_str(text) {
         let value = serde_norway::Value::deserialize(doc).with_context(|| format!("{src}: invalid YAML"))?;
         let id = doc_id(&value);
         let mut one = Objects::default();
         match add_value(&mut one, value, src) {
-            Ok(()) => objs.extend(one),
+            Ok(()) => objs.add(one),
             Err(e) => {
-                let kept: Vec<Objects> = old.iter().filter(|(i, _)| *i == id).map(|(_, o)| o.clone()).collect();
-                errors.push(e.context(if kept.is_empty() {
+                let old = old.get_or_insert_with(|| previous.docs.iter().map(Stored::doc_id).collect());
+                let mut kept = 0;
+                for (d, _) in previous.docs.iter().zip(old.iter()).filter(|(_, i)| i.as_ref() == Some(&id)) {
+                    objs.docs.push(Stored(d.0.clone()));
+                    kept += 1;
+                }
+                for n in previous.nodes.iter().filter(|n| meta_id("Node", &n.metadata) == id) {
+                    objs.nodes.push(n.clone());
+                    kept += 1;
+                }
+                errors.push(e.context(if kept == 0 {
                     format!("{src}: {} {}/{} skipped", id.0, id.1, id.2)
                 } else {
                     format!("{src}: keeping the last good {} {}/{}", id.0, id.1, id.2)
                 }));
-                for k in kept {
-                    objs.extend(k);
-                }
             }
         }
     }
+    objs.docs.shrink_to_fit();
     Ok((objs, errors))
 }
 
@@ -134,7 +235,7 @@ pub fn parse_str(text: &str, src: &str) -> anyhow::Result<Objects> {
 #[derive(Default)]
 pub struct ManifestDir {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, (Stamp, Objects)>,
+    files: BTreeMap<PathBuf, (Stamp, FileObjects)>,
 }
 
 /// What tells a file changed: modification time, length, and the file
@@ -177,9 +278,10 @@ impl ManifestDir {
             let old = self.files.remove(&path).map(|f| f.1).unwrap_or_default();
             let parsed = fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))
-                .and_then(|t| parse_str_keeping(&t, &path.display().to_string(), &old));
+                .and_then(|t| parse_file_keeping(&t, &path.display().to_string(), &old));
             match parsed {
                 Ok((objs, errs)) => {
+                    drop(old);
                     self.files.insert(path, (stamp, objs));
                     errors.extend(errs);
                     changed = true;
@@ -197,14 +299,22 @@ impl ManifestDir {
         Ok((changed, errors))
     }
 
-    /// Every Service currently known (borrowed: a sync needs no copy).
-    pub fn services(&self) -> impl Iterator<Item = &k8s_openapi::api::core::v1::Service> {
-        self.files.values().flat_map(|(_, o)| o.services.iter())
-    }
-
-    /// Every EndpointSlice currently known.
-    pub fn slices(&self) -> impl Iterator<Item = &k8s_openapi::api::discovery::v1::EndpointSlice> {
-        self.files.values().flat_map(|(_, o)| o.slices.iter())
+    /// Every Service currently known, one at a time, as
+    /// [`crate::agent::Agent::apply_groups`] takes them: its id, its
+    /// Service object (`None`: only slices name it; the last one read when
+    /// files repeat it, files in name order) and its EndpointSlices, decoded
+    /// as the iteration reaches them.
+    #[must_use]
+    pub fn groups(&self) -> Groups<'_> {
+        let mut order: Vec<&Stored> = self
+            .files
+            .values()
+            .flat_map(|(_, o)| o.docs.iter())
+            .filter(|d| d.kind() != StoredKind::OrphanSlice)
+            .collect();
+        // Stable: a Service's objects stay in file order.
+        order.sort_by(|a, b| a.owner().cmp(&b.owner()));
+        Groups { order, at: 0 }
     }
 
     /// Every Node currently known.
@@ -212,15 +322,35 @@ impl ManifestDir {
     pub fn nodes(&self) -> Vec<k8s_openapi::api::core::v1::Node> {
         self.files.values().flat_map(|(_, o)| o.nodes.iter().cloned()).collect()
     }
+}
 
-    /// All objects currently known.
-    #[must_use]
-    pub fn objects(&self) -> Objects {
-        let mut all = Objects::default();
-        for (_, objs) in self.files.values() {
-            all.extend(objs.clone());
+/// See [`ManifestDir::groups`].
+pub struct Groups<'a> {
+    order: Vec<&'a Stored>,
+    at: usize,
+}
+
+impl Iterator for Groups<'_> {
+    type Item = (crate::incremental::ServiceId, Option<Service>, Vec<EndpointSlice>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let owner = self.order.get(self.at)?.owner();
+        let mut svc = None;
+        let mut slices = Vec::new();
+        while let Some(d) = self.order.get(self.at).filter(|d| d.owner() == owner) {
+            self.at += 1;
+            // Stored objects were encoded from valid ones: decoding fails
+            // only on a bug, which must not stop the other Services.
+            let failed = match d.kind() {
+                StoredKind::Service => d.decode().map(|s| svc = Some(s)).err(),
+                StoredKind::Slice => d.decode().map(|s| slices.push(s)).err(),
+                StoredKind::OrphanSlice => None,
+            };
+            if let Some(e) = failed {
+                tracing::error!(namespace = owner.0, service = owner.1, error = format!("{e:#}"), "a stored object does not decode; left out");
+            }
         }
-        all
+        Some(((owner.0.to_owned(), owner.1.to_owned()), svc, slices))
     }
 }
 
@@ -234,13 +364,133 @@ mod tests {
 
     fn ports(d: &ManifestDir) -> Vec<(String, i32)> {
         let mut v: Vec<(String, i32)> = d
-            .objects()
-            .services
-            .iter()
+            .groups()
+            .filter_map(|(_, s, _)| s)
             .map(|s| (s.metadata.name.clone().unwrap(), s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port))
             .collect();
         v.sort();
         v
+    }
+
+    /// Objects with most of what translation reads, and what stripping drops.
+    const RICH: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: lb
+  namespace: web
+  resourceVersion: "7"
+  creationTimestamp: "2026-01-02T03:04:05Z"
+  labels: {app: web}
+  annotations: {note: x}
+  managedFields: [{manager: kubectl}]
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20]
+  externalIPs: [192.0.2.9]
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  externalTrafficPolicy: Local
+  internalTrafficPolicy: Cluster
+  healthCheckNodePort: 32000
+  publishNotReadyAddresses: true
+  loadBalancerSourceRanges: [10.0.0.0/8]
+  ports:
+  - {name: http, port: 80, targetPort: http, nodePort: 30080, protocol: TCP}
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1, ipMode: VIP}, {ip: 198.51.100.2, ipMode: Proxy}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: lb-1
+  namespace: web
+  resourceVersion: "9"
+  labels: {kubernetes.io/service-name: lb, other: y}
+  annotations: {endpoints.kubernetes.io/last-change-trigger-time: "2026-01-02T03:04:05Z", big: z}
+  ownerReferences: [{apiVersion: v1, kind: Service, name: lb, uid: u}]
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- addresses: [10.1.0.1]
+  conditions: {ready: false, serving: true, terminating: true}
+  nodeName: n1
+  zone: a
+  hints: {forZones: [{name: a}], forNodes: [{name: n1}]}
+  targetRef: {kind: Pod, name: p}
+- addresses: [10.1.0.2]
+  nodeName: n2
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: stray, namespace: web}
+addressType: IPv4
+endpoints: [{addresses: [10.1.0.3]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: only-1, labels: {kubernetes.io/service-name: only}}
+addressType: IPv4
+endpoints: [{addresses: [10.1.0.4]}]
+"#;
+
+    #[test]
+    fn groups_give_each_service_its_stripped_objects() {
+        let dir = std::env::temp_dir().join(format!("kproxy-groups-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("a.yaml"), RICH).unwrap();
+        let mut d = ManifestDir::new(&dir);
+        assert!(d.refresh().unwrap().0);
+        let mut want = parse_str(RICH, "t").unwrap();
+        want.services.iter_mut().for_each(crate::store::strip_service);
+        want.slices.iter_mut().for_each(crate::store::strip_slice);
+        let groups: Vec<_> = d.groups().collect();
+        // By (namespace, name); the slice naming no Service is in none.
+        assert_eq!(groups.len(), 2, "{groups:?}");
+        let (id, svc, slices) = &groups[0];
+        assert_eq!(id, &("default".to_owned(), "only".to_owned()));
+        assert!(svc.is_none());
+        assert_eq!(slices, &want.slices[2..3]);
+        let (id, svc, slices) = &groups[1];
+        assert_eq!(id, &("web".to_owned(), "lb".to_owned()));
+        assert_eq!(svc.as_ref(), Some(&want.services[0]));
+        assert_eq!(slices, &want.slices[0..1]);
+        // What translation reads survives; what it never reads is gone.
+        let svc = svc.as_ref().unwrap();
+        assert!(svc.metadata.labels.is_none() && svc.metadata.managed_fields.is_none());
+        assert_eq!(svc.metadata.resource_version.as_deref(), Some("7"));
+        assert!(slices[0].endpoints[0].target_ref.is_none());
+        assert_eq!(slices[0].metadata.labels.as_ref().unwrap().len(), 1);
+        let node = crate::translate::NodeInfo { name: "n1".into(), addresses: vec!["192.168.0.1".parse().unwrap()], ..Default::default() };
+        let refs: Vec<&EndpointSlice> = slices.iter().collect();
+        let unstripped = parse_str(RICH, "t").unwrap();
+        let unstripped_refs: Vec<&EndpointSlice> = unstripped.slices[0..1].iter().collect();
+        assert_eq!(
+            crate::translate::translate_service(svc, &refs, &node),
+            crate::translate::translate_service(&unstripped.services[0], &unstripped_refs, &node)
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_service_repeated_across_files_keeps_the_last_read() {
+        let dir = std::env::temp_dir().join(format!("kproxy-repeat-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("a.yaml"), svc("web", "80") + &svc("web", "81")).unwrap();
+        fs::write(dir.join("b.yaml"), svc("web", "82")).unwrap();
+        let mut d = ManifestDir::new(&dir);
+        d.refresh().unwrap();
+        assert_eq!(ports(&d), [("web".to_owned(), 82)]);
+        fs::remove_file(dir.join("b.yaml")).unwrap();
+        assert!(d.refresh().unwrap().0);
+        assert_eq!(ports(&d), [("web".to_owned(), 81)]);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
