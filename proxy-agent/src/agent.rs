@@ -560,7 +560,8 @@ impl Agent {
     /// kube-proxy's change counters and network programming latency (from
     /// the slices' trigger times), and its health check port.
     fn observe_service(&mut self, id: &ServiceId, svc: Option<&Service>, slices: &[&EndpointSlice], node_name: &str) {
-        let old = self.versions.remove(id).unwrap_or_default();
+        let unseen = SeenVersions::default();
+        let old = self.versions.get(id).unwrap_or(&unseen);
         let service = svc.map(|s| s.metadata.resource_version.clone());
         if old.service != service || service.as_ref().is_some_and(Option::is_none) {
             self.metrics.service_changes.fetch_add(1, Ordering::Relaxed);
@@ -595,6 +596,20 @@ impl Agent {
         let now_seen = SeenVersions { service, slices: seen, generation: self.generation };
         let removed = old.slices.iter().filter(|(n, _, _)| now_seen.slice(n).is_none()).count() as u64;
         self.metrics.endpoint_changes.fetch_add(removed, Ordering::Relaxed);
+        if svc.is_none() && slices.is_empty() {
+            self.versions.remove(id);
+        } else if let Some(v) = self.versions.get_mut(id) {
+            // Updated in place: what did not change keeps its allocation.
+            if v.service != now_seen.service {
+                v.service = now_seen.service;
+            }
+            if v.slices != now_seen.slices {
+                v.slices = now_seen.slices;
+            }
+            v.generation = now_seen.generation;
+        } else {
+            self.versions.insert(id.clone(), now_seen);
+        }
         match svc.and_then(|s| crate::healthcheck::health_check_of(s, slices, node_name)) {
             Some(hc) => {
                 self.health_checks.insert(id.clone(), hc);
@@ -602,9 +617,6 @@ impl Agent {
             None => {
                 self.health_checks.remove(id);
             }
-        }
-        if svc.is_some() || !slices.is_empty() {
-            self.versions.insert(id.clone(), now_seen);
         }
     }
 

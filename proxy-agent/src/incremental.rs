@@ -14,6 +14,7 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -50,7 +51,7 @@ pub fn service_id(svc: &Service) -> ServiceId {
 struct Claim {
     kind: u8,
     created: Option<k8s_openapi::jiff::Timestamp>,
-    id: ServiceId,
+    id: Arc<ServiceId>,
     /// Index of the frontend in the Service's translation.
     idx: usize,
 }
@@ -92,7 +93,7 @@ impl Delta {
 #[derive(Default)]
 pub struct Index {
     node: Option<NodeInfo>,
-    services: HashMap<ServiceId, Entry>,
+    services: HashMap<Arc<ServiceId>, Entry>,
     /// Claimants of each frontend address, best first (a sorted `Vec`: most
     /// addresses have one, and a B-tree node would cost a kilobyte each).
     claims: HashMap<FrontendAddr, Vec<Claim>>,
@@ -225,7 +226,7 @@ impl Index {
     /// Ends a full sync: the Services it did not see go. Returns what changed.
     pub fn finish_full(&mut self, full: FullSync) -> Delta {
         let FullSync { mut delta } = full;
-        let gone: Vec<ServiceId> =
+        let gone: Vec<Arc<ServiceId>> =
             self.services.iter().filter(|(_, e)| e.generation != self.generation).map(|(id, _)| id.clone()).collect();
         for id in gone {
             self.update_one(&id, None, &[], &mut delta);
@@ -255,9 +256,29 @@ impl Index {
         {
             return; // unchanged
         }
-        if let Some(old) = self.services.remove(id) {
+        let fresh = svc.map(|svc| {
+            let no_node = NodeInfo::default();
+            let mut t = translate_service(svc, slices, self.node.as_ref().unwrap_or(&no_node));
+            // Kept until the Service changes: no spare capacity (most have
+            // one or two frontends, a growing Vec holds four).
+            t.frontends.shrink_to_fit();
+            t.skipped.shrink_to_fit();
+            (svc.metadata.creation_timestamp.as_ref().map(|t| t.0), t)
+        });
+        // The same translation (objects without resourceVersions, as in
+        // standalone mode, are translated on every full sync): the claims
+        // stand, and the entry is kept rather than rebuilt.
+        if let (Some((created, t)), Some(e)) = (&fresh, self.services.get_mut(id))
+            && e.created == *created
+            && e.t == *t
+        {
+            e.fingerprint = fp;
+            return;
+        }
+        let mut key = None;
+        if let Some((k, old)) = self.services.remove_entry(id) {
             for (idx, fe) in old.t.frontends.iter().enumerate() {
-                let c = Claim { kind: kind_rank(fe.kind), created: old.created, id: id.clone(), idx };
+                let c = Claim { kind: kind_rank(fe.kind), created: old.created, id: k.clone(), idx };
                 if let Some(set) = self.claims.get_mut(&fe.addr) {
                     if let Ok(i) = set.binary_search(&c) {
                         set.remove(i);
@@ -272,17 +293,13 @@ impl Index {
                 delta.frontends.insert(fe.addr);
             }
             self.with_skips.remove(id);
+            key = Some(k);
         }
-        let Some(svc) = svc else { return };
-        let node = self.node.clone().unwrap_or_default();
-        let mut t = translate_service(svc, slices, &node);
-        // Kept until the Service changes: no spare capacity (most have one
-        // or two frontends, a growing Vec holds four).
-        t.frontends.shrink_to_fit();
-        t.skipped.shrink_to_fit();
-        let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let Some((created, t)) = fresh else { return };
+        // One copy of the id, shared by the entry and its claims.
+        let key = key.unwrap_or_else(|| Arc::new(id.clone()));
         for (idx, fe) in t.frontends.iter().enumerate() {
-            let c = Claim { kind: kind_rank(fe.kind), created, id: id.clone(), idx };
+            let c = Claim { kind: kind_rank(fe.kind), created, id: key.clone(), idx };
             let set = self.claims.entry(fe.addr).or_insert_with(|| Vec::with_capacity(1));
             if let Err(i) = set.binary_search(&c) {
                 set.insert(i, c);
@@ -295,7 +312,7 @@ impl Index {
         if !t.skipped.is_empty() {
             self.with_skips.insert(id.clone());
         }
-        self.services.insert(id.clone(), Entry { created, fingerprint: fp, t, generation: self.generation });
+        self.services.insert(key, Entry { created, fingerprint: fp, t, generation: self.generation });
     }
 
     /// Resolves the touched addresses to their winners, keeps in `delta`
@@ -378,6 +395,36 @@ mod tests {
 
     fn node(addr: &str) -> NodeInfo {
         NodeInfo { name: "n".into(), zone: None, addresses: vec![addr.parse().unwrap()], snat: None }
+    }
+
+    #[test]
+    fn objects_without_resource_versions_are_retranslated_and_unchanged_ones_change_nothing() {
+        let mk = |name: &str, ip: &str, port: u16| -> Service {
+            let mut s = svc(name, ip, port);
+            s.metadata.resource_version = None;
+            s
+        };
+        let n = node("192.168.0.1");
+        let mut services = vec![mk("a", "10.96.0.1", 30001), mk("b", "10.96.0.2", 30002)];
+        let mut ix = Index::default();
+        assert_eq!(ix.sync_all(&services, [], &n).frontends.len(), 4);
+        assert!(ix.sync_all(&services, [], &n).is_empty(), "the same translations: nothing moves");
+        // A change is still seen without a resourceVersion.
+        services[1] = mk("b", "10.96.0.2", 30003);
+        let d = ix.sync_all(&services, [], &n);
+        assert_eq!(d.frontends.len(), 2, "b's old and new NodePort: {d:?}");
+        assert_eq!(ix.desired().frontends, translate_all(&services, &[], &n).frontends);
+        // b now claims a's ClusterIP too: a (older by name) keeps it, and
+        // gets it back unchanged when b lets go.
+        services[1] = mk("b", "10.96.0.1", 30003);
+        ix.sync_all(&services, [], &n);
+        assert_eq!(ix.desired().frontends, translate_all(&services, &[], &n).frontends);
+        assert_eq!(ix.skipped().len(), 1, "{:?}", ix.skipped());
+        services.truncate(1);
+        ix.sync_all(&services, [], &n);
+        assert_eq!(ix.desired().frontends, translate_all(&services, &[], &n).frontends);
+        assert!(ix.skipped().is_empty());
+        assert_eq!(ix.len(), 1);
     }
 
     #[test]
