@@ -97,22 +97,25 @@ enum StoredKind {
 const HEADER: usize = 9;
 
 impl Stored {
-    fn service(mut svc: Service) -> Self {
+    fn service(mut svc: Service, buf: &mut Vec<u8>) -> Self {
         crate::store::strip_service(&mut svc);
         let (ns, name) = crate::incremental::service_id(&svc);
-        Self::new(StoredKind::Service, &ns, &name, &svc)
+        Self::new(StoredKind::Service, &ns, &name, &svc, buf)
     }
 
-    fn slice(mut slice: EndpointSlice) -> Self {
+    fn slice(mut slice: EndpointSlice, buf: &mut Vec<u8>) -> Self {
         crate::store::strip_slice(&mut slice);
         match crate::incremental::slice_owner(&slice) {
-            Some((ns, svc)) => Self::new(StoredKind::Slice, &ns, &svc, &slice),
-            None => Self::new(StoredKind::OrphanSlice, "", "", &slice),
+            Some((ns, svc)) => Self::new(StoredKind::Slice, &ns, &svc, &slice, buf),
+            None => Self::new(StoredKind::OrphanSlice, "", "", &slice, buf),
         }
     }
 
-    fn new(kind: StoredKind, ns: &str, svc: &str, obj: &impl serde::Serialize) -> Self {
-        let mut v = Vec::with_capacity(HEADER + ns.len() + svc.len() + 256);
+    /// Encodes into `buf` (reused: the kept copy is allocated once, at
+    /// its size).
+    fn new(kind: StoredKind, ns: &str, svc: &str, obj: &impl serde::Serialize, buf: &mut Vec<u8>) -> Self {
+        let v = buf;
+        v.clear();
         v.push(kind as u8);
         v.extend_from_slice(&(ns.len() as u32).to_le_bytes());
         v.extend_from_slice(&(svc.len() as u32).to_le_bytes());
@@ -120,8 +123,8 @@ impl Stored {
         v.extend_from_slice(svc.as_bytes());
         // Writing to memory fails only for maps with non-string keys, which
         // API objects do not have.
-        serde_json::to_writer(&mut v, obj).expect("an API object serializes to JSON");
-        Self(v.into_boxed_slice())
+        serde_json::to_writer(&mut *v, obj).expect("an API object serializes to JSON");
+        Self(Box::from(&v[..]))
     }
 
     fn kind(&self) -> StoredKind {
@@ -173,9 +176,9 @@ struct FileObjects {
 }
 
 impl FileObjects {
-    fn add(&mut self, objs: Objects) {
-        self.docs.extend(objs.services.into_iter().map(Stored::service));
-        self.docs.extend(objs.slices.into_iter().map(Stored::slice));
+    fn add(&mut self, objs: Objects, buf: &mut Vec<u8>) {
+        self.docs.extend(objs.services.into_iter().map(|o| Stored::service(o, buf)));
+        self.docs.extend(objs.slices.into_iter().map(|o| Stored::slice(o, buf)));
         self.nodes.extend(objs.nodes);
     }
 }
@@ -191,12 +194,13 @@ fn parse_file_keeping(text: &str, src: &str, previous: &FileObjects) -> anyhow::
     let mut errors = Vec::new();
     // The previous objects' ids, read when a document first fails.
     let mut old: Option<Vec<Option<DocId>>> = None;
+    let mut buf = Vec::new();
     for doc in serde_norway::Deserializer::from_str(text) {
         let value = serde_norway::Value::deserialize(doc).with_context(|| format!("{src}: invalid YAML"))?;
         let id = doc_id(&value);
         let mut one = Objects::default();
         match add_value(&mut one, value, src) {
-            Ok(()) => objs.add(one),
+            Ok(()) => objs.add(one, &mut buf),
             Err(e) => {
                 let old = old.get_or_insert_with(|| previous.docs.iter().map(Stored::doc_id).collect());
                 let mut kept = 0;
