@@ -67,6 +67,8 @@ pub struct Agent {
     /// The last full sync, and every incremental one since, programmed
     /// everything desired (nothing waits for a retry).
     clean: bool,
+    /// Backend sets without a Maglev table at the last sync (map full).
+    last_no_table: usize,
     /// This network namespace's IPv4 addresses (for `--nodeport-addresses`),
     /// refreshed with the interfaces.
     local_addrs: Vec<std::net::Ipv4Addr>,
@@ -233,6 +235,7 @@ impl Agent {
             index: crate::incremental::Index::default(),
             names_due: true,
             clean: false,
+            last_no_table: 0,
             local_addrs: local_ipv4_addrs(),
             snat: None,
             health: crate::healthcheck::HealthServer::new(),
@@ -670,6 +673,13 @@ impl Agent {
             tracing::warn!(object = %owner, error = %err, "could not program; other Services are unaffected");
         }
         self.last_failed = failed;
+        if report.no_table > 0 && report.no_table != self.last_no_table {
+            tracing::warn!(
+                sets = report.no_table,
+                "the Maglev map is full: these backend sets choose backends at random (consistent hashing needs room for one 4 KiB table per set)"
+            );
+        }
+        self.last_no_table = report.no_table;
         self.metrics.sync_errors.fetch_add(report.failed.len() as u64, Ordering::Relaxed);
         self.metrics.last_sync_failed.store(!report.failed.is_empty(), Ordering::Relaxed);
         self.note_attached();

@@ -909,11 +909,12 @@ pub struct PinnedMaps {
     vips: AyaHashMap<MapData, [u8; 16], VipValue>,
     meta: Array<MapData, u64>,
     ranges: LpmTrie<MapData, SrcRange, u32>,
+    maglev_cap: Option<usize>,
 }
 
 impl PinnedMaps {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
-        Ok(Self {
+        let mut maps = Self {
             services: AyaHashMap::try_from(open_pinned(pin_dir, MAP_SERVICES)?)?,
             backends: AyaHashMap::try_from(open_pinned(pin_dir, MAP_BACKENDS)?)?,
             members: AyaHashMap::try_from(open_pinned(pin_dir, MAP_MEMBERS)?)?,
@@ -921,7 +922,10 @@ impl PinnedMaps {
             vips: AyaHashMap::try_from(open_pinned(pin_dir, MAP_VIPS)?)?,
             meta: Array::try_from(open_pinned(pin_dir, MAP_META)?)?,
             ranges: LpmTrie::try_from(open_pinned(pin_dir, MAP_SRC_RANGES)?)?,
-        })
+            maglev_cap: None,
+        };
+        maps.maglev_cap = maps.maglev.map().info().ok().map(|i| i.max_entries() as usize);
+        Ok(maps)
     }
 }
 
@@ -971,6 +975,9 @@ fn del_batch<K: Pod, V: Pod>(name: &'static str, map: &AyaHashMap<MapData, K, V>
 impl MapOps for PinnedMaps {
     fn batches(&self) -> bool {
         true
+    }
+    fn maglev_capacity(&self) -> Option<usize> {
+        self.maglev_cap
     }
     /// A batch per map and group (`BPF_MAP_UPDATE_BATCH`, `..._DELETE_BATCH`).
     fn apply_batch(&mut self, pending: Pending) -> Result<(), MapError> {

@@ -73,6 +73,11 @@ pub trait MapOps {
     fn put_src_range(&mut self, svc_id: u32, range: RangeEntry) -> Result<(), MapError>;
     fn del_src_range(&mut self, svc_id: u32, range: RangeEntry) -> Result<(), MapError>;
 
+    /// How many Maglev tables the maps hold at most, if known.
+    fn maglev_capacity(&self) -> Option<usize> {
+        None
+    }
+
     /// Whether a full sync should queue its writes and send them with
     /// [`MapOps::apply_batch`] at each ordering barrier.
     fn batches(&self) -> bool {
@@ -118,6 +123,10 @@ pub struct SyncReport {
     pub failed: Vec<(String, String)>,
     /// Backends deleted by this sync (no frontend refers to them any more).
     pub removed_backends: Vec<(u32, Backend)>,
+    /// Backend sets left without a Maglev table because the Maglev map is
+    /// full (their frontends choose backends at random): programmed, not
+    /// failed, and not retried until a table is freed.
+    pub no_table: usize,
 }
 
 /// Monotonic ids reserved in the meta map ahead of use.
@@ -285,6 +294,8 @@ pub struct SyncEngine<M: MapOps> {
     batch_error: Option<MapError>,
     /// The mirror must be read back from the maps before the next sync.
     needs_reload: bool,
+    /// Sets with a Maglev table (or one the mirror cannot rule out).
+    tables_held: usize,
 }
 
 /// The map key of a frontend (slot 0).
@@ -437,6 +448,7 @@ impl<M: MapOps> SyncEngine<M> {
             pending: None,
             batch_error: None,
             needs_reload: false,
+            tables_held: 0,
         };
         engine.install(st)?;
         Ok(engine)
@@ -471,6 +483,7 @@ impl<M: MapOps> SyncEngine<M> {
     fn install(&mut self, st: State) -> Result<(), MapError> {
         self.frontends = st.frontends;
         self.sets = st.sets;
+        self.tables_held = self.sets.values().filter(|s| s.maglev.is_some()).count();
         self.set_ids = self.sets.iter().filter_map(|(id, s)| Some((s.claim.clone()?, *id))).collect();
         self.legacy = st.legacy;
         self.backend_ids = st.backends.iter().map(|(id, b)| (*b, *id)).collect();
@@ -641,23 +654,28 @@ impl<M: MapOps> SyncEngine<M> {
         let mut order: Vec<(ServiceKey, &Frontend)> = wanted.iter().map(|(k, f)| (*k, *f)).collect();
         order.sort_by(|a, b| a.1.owner.cmp(&b.1.owner).then(a.0.cmp(&b.0)));
         if batched {
-            // Each step for every Service port, a barrier between steps.
-            let mut plans = Vec::new();
-            for chunk in order.chunk_by(|a, b| a.1.owner == b.1.owner) {
-                plans.extend(self.plan_owner(chunk, &mut report));
-            }
-            self.flush()?;
-            let mut grown = Vec::with_capacity(plans.len());
-            for plan in plans {
-                grown.extend(self.owner_grow(plan, &mut report));
-            }
-            self.flush()?;
-            for plan in &mut grown {
-                self.owner_values(plan, &mut report);
-            }
-            self.flush()?;
-            for plan in &grown {
-                self.owner_shrink(plan, &mut report);
+            // Each step for a run of Service ports, a barrier between
+            // steps; runs of 2,048 ports keep the plans held at once (and
+            // the heap they fragment) small.
+            let owners: Vec<&[(ServiceKey, &Frontend)]> = order.chunk_by(|a, b| a.1.owner == b.1.owner).collect();
+            for run in owners.chunks(2048) {
+                let mut plans = Vec::with_capacity(run.len());
+                for items in run {
+                    plans.extend(self.plan_owner(items, &mut report));
+                }
+                self.flush()?;
+                let mut grown = Vec::with_capacity(plans.len());
+                for plan in plans {
+                    grown.extend(self.owner_grow(plan, &mut report));
+                }
+                self.flush()?;
+                for plan in &mut grown {
+                    self.owner_values(plan, &mut report);
+                }
+                self.flush()?;
+                for plan in &grown {
+                    self.owner_shrink(plan, &mut report);
+                }
             }
         } else {
             for chunk in order.chunk_by(|a, b| a.1.owner == b.1.owner) {
@@ -691,6 +709,7 @@ impl<M: MapOps> SyncEngine<M> {
         }
         self.flush()?;
         self.tables.clear();
+        self.tables_held = self.sets.values().filter(|s| s.maglev.is_some()).count();
         report.frontends = self.frontends.len();
         report.backends = self.backends.len();
         Ok(report)
@@ -1033,7 +1052,13 @@ impl<M: MapOps> SyncEngine<M> {
     /// from what it referred to before to what it refers to now.
     fn store_set(&mut self, id: u32, set: SetProg) {
         let now = referenced(&set);
-        let before = self.sets.insert(id, set).map(|s| referenced(&s)).unwrap_or_default();
+        let table = set.maglev.is_some();
+        let old = self.sets.insert(id, set);
+        let had_table = old.as_ref().is_some_and(|s| s.maglev.is_some());
+        // (Saturating: a guessed table may be forced on a set in place;
+        // the count is recomputed after every full sync.)
+        self.tables_held = (self.tables_held + usize::from(table)).saturating_sub(usize::from(had_table));
+        let before = old.map(|s| referenced(&s)).unwrap_or_default();
         for b in now.difference(&before) {
             *self.refs.entry(*b).or_default() += 1;
         }
@@ -1060,8 +1085,15 @@ impl<M: MapOps> SyncEngine<M> {
         if sp.failed {
             return Ok(());
         }
-        let want_maglev = self.maglev && !sp.ids.is_empty();
         let cur = self.sets.get(&sp.id);
+        // A set that has no table gets one while the Maglev map has room;
+        // past that its frontends choose at random (said once per sync).
+        let room = cur.is_some_and(|s| s.maglev.is_some())
+            || self.maps.maglev_capacity().is_none_or(|cap| self.tables_held < cap);
+        let want_maglev = self.maglev && !sp.ids.is_empty() && room;
+        if self.maglev && !sp.ids.is_empty() && !room {
+            report.no_table += 1;
+        }
         if let Some(s) = cur
             && sp.ids.iter().all(|id| s.members.contains(id))
             && sp.ranges.is_subset(&s.ranges)
@@ -1272,6 +1304,8 @@ pub struct MemMaps {
     /// Take the full sync's writes in batches (applied one by one, group
     /// by group, as the real maps apply them).
     pub batches: bool,
+    /// Room for this many Maglev tables (`None`: unbounded).
+    pub capacity_maglev: Option<usize>,
 }
 
 impl MemMaps {
@@ -1314,6 +1348,9 @@ impl MemMaps {
 impl MapOps for MemMaps {
     fn batches(&self) -> bool {
         self.batches
+    }
+    fn maglev_capacity(&self) -> Option<usize> {
+        self.capacity_maglev
     }
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
         Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())

@@ -390,3 +390,32 @@ fn a_partial_change_keeps_the_source_ranges_of_a_shared_set() {
     let again = engine.sync(&d);
     assert_eq!((again.writes, again.deletes), (0, 0), "{again:?}");
 }
+
+/// A full Maglev map leaves the sets past it without a table: their
+/// frontends are programmed and choose at random, nothing fails, and a set
+/// gets its table once another's is freed.
+#[test]
+fn a_full_maglev_map_degrades_to_random_choice_without_failing() {
+    for batches in [false, true] {
+        let maps = MemMaps { observer: Some(observe), capacity_maglev: Some(1), batches, ..MemMaps::default() };
+        let mut engine = SyncEngine::adopt(maps).unwrap();
+        // Frontends 1 and 2: two owners, two sets, room for one table.
+        let d = build(&[Some((0b11, false)), Some((0b110, false))]);
+        let r = engine.sync(&d);
+        assert!(r.failed.is_empty(), "{r:?}");
+        assert_eq!(r.no_table, 1, "{r:?}");
+        let m = engine.maps();
+        assert_eq!(m.maglev.len(), 1);
+        for k in [frontend_key(&fe_addr(1)), frontend_key(&fe_addr(2))] {
+            assert_eq!(m.reader_view(&k).unwrap().unwrap().len(), 2, "{k:?} is programmed");
+        }
+        let flagged = m.services.iter().filter(|(k, v)| k.slot == 0 && v.flags & proxy_common::SVC_F_MAGLEV != 0).count();
+        assert_eq!(flagged, 1, "only the frontend with a table says so");
+        // Frontend 1 goes: frontend 2's set gets the table at the next change.
+        let d = build(&[None, Some((0b111, false))]);
+        let r = engine.sync(&d);
+        assert!(r.failed.is_empty() && r.no_table == 0, "{r:?}");
+        let v = engine.maps().services[&frontend_key(&fe_addr(2))];
+        assert!(v.flags & proxy_common::SVC_F_MAGLEV != 0 && engine.maps().maglev.contains_key(&v.svc_id));
+    }
+}
