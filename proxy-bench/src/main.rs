@@ -106,7 +106,8 @@ const CHANGED_EP: Ipv4Addr = Ipv4Addr::new(10, 200, 250, 2);
 
 /// VIP of Service `i` (the measured one is the last).
 fn vip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 96 + (i / 65_000) as u8, ((i % 65_000) / 250) as u8, (i % 250 + 1) as u8)
+    // 250 addresses per /24, 256 /24s per /16: every Service its own VIP.
+    Ipv4Addr::new(10, 96 + (i / 64_000) as u8, ((i % 64_000) / 250) as u8, (i % 250 + 1) as u8)
 }
 
 /// N Services with 2 endpoints each, as API objects.
