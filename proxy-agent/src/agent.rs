@@ -485,7 +485,7 @@ impl Agent {
             // Nothing changed since a sync that programmed everything, and
             // no re-read of the maps is due: they hold the desired state.
             let (frontends, backends) = self.engine.counts();
-            SyncReport { frontends, backends, ..SyncReport::default() }
+            SyncReport { frontends, backends, no_table: self.last_no_table, ..SyncReport::default() }
         } else {
             self.engine.sync(self.index.desired())
         };
