@@ -169,6 +169,7 @@ pub const IPPROTO_SCTP: u8 = 132;
 ///   backend list (the ClusterIP, every NodePort address, the LoadBalancer
 ///   IPs) share one set, so a NodePort does not copy its slots per node
 ///   address.
+///
 /// Writing new slots before a frontend's count means a reader never sees a
 /// half-written backend set.
 #[repr(C)]
