@@ -340,6 +340,9 @@ struct State {
     /// Set slots after a gap (a reader never reaches them).
     orphans: Vec<ServiceKey>,
     legacy: Vec<ServiceKey>,
+    /// Sets of the earlier layout's frontends, to be given their frontend's
+    /// slots (set id, backend ids in slot order).
+    seeds: Vec<(u32, Vec<u32>)>,
     max_svc_id: u32,
     max_backend_id: u32,
 }
@@ -357,7 +360,7 @@ fn read_state<M: MapOps>(maps: &M) -> Result<State, MapError> {
             max_svc_id = max_svc_id.max(v.svc_id).max(v.backend_id);
             frontends.insert(k, v);
         } else {
-            legacy.push(k);
+            legacy.push((k, v.backend_id));
         }
     }
     let mut sets: HashMap<u32, SetProg> = HashMap::new();
@@ -389,10 +392,30 @@ fn read_state<M: MapOps>(maps: &M) -> Result<State, MapError> {
         max_svc_id = max_svc_id.max(svc_id);
         sets.entry(svc_id).or_default().ranges.insert(range);
     }
+    // An agent of the per-frontend layout left each frontend's slots under
+    // the frontend's own key, and its id names the frontend's members and
+    // table: that id becomes a set, seeded with those slots when the maps
+    // are adopted, so the new new-flow programs (in the tail-call map from
+    // the load on) find slots without waiting for the first sync.
+    legacy.sort_unstable_by_key(|(k, _)| (ServiceKey { slot: 0, ..*k }, k.slot));
+    let mut seeds: Vec<(u32, Vec<u32>)> = Vec::new();
+    for run in legacy.chunk_by(|a, b| ServiceKey { slot: 0, ..a.0 } == ServiceKey { slot: 0, ..b.0 }) {
+        let fk = ServiceKey { slot: 0, ..run[0].0 };
+        let Some(v) = frontends.get(&fk) else { continue };
+        let contiguous = run.iter().enumerate().all(|(i, (k, _))| usize::from(k.slot) == i + 1);
+        if contiguous
+            && run.len() >= usize::from(v.count)
+            && sets.get(&v.svc_id).is_some_and(|s| s.slots.is_empty())
+            && !seeds.iter().any(|(id, _)| *id == v.svc_id)
+        {
+            seeds.push((v.svc_id, run.iter().map(|(_, b)| *b).collect()));
+        }
+    }
+    let legacy = legacy.into_iter().map(|(k, _)| k).collect();
     let backends: BTreeMap<u32, Backend> = maps.backends()?.into_iter().collect();
     let max_backend_id = backends.keys().next_back().copied().unwrap_or(0);
     let vips = maps.vips()?.into_iter().collect();
-    Ok(State { frontends, sets, backends, vips, orphans, legacy, max_svc_id, max_backend_id })
+    Ok(State { frontends, sets, backends, vips, orphans, legacy, seeds, max_svc_id, max_backend_id })
 }
 
 /// A Service port's frontends resolved for one sync: its backend sets with
@@ -489,6 +512,21 @@ impl<M: MapOps> SyncEngine<M> {
         self.backend_ids = st.backends.iter().map(|(id, b)| (*b, *id)).collect();
         self.backends = st.backends;
         self.vips = st.vips;
+        for (id, slots) in st.seeds {
+            let mut written = Vec::with_capacity(slots.len());
+            for (i, b) in slots.iter().enumerate() {
+                let key = ServiceKey::set_slot(id, (i + 1) as u16);
+                if let Err(e) = self.op(Op::PutService(key, ServiceValue { backend_id: *b, ..ServiceValue::default() })) {
+                    // The first sync writes the set in full instead.
+                    tracing::warn!(error = %e, set = id, "copying a frontend's slots of the earlier layout");
+                    break;
+                }
+                written.push(*b);
+            }
+            if let Some(set) = self.sets.get_mut(&id) {
+                set.slots = written;
+            }
+        }
         self.refs.clear();
         for set in self.sets.values() {
             for id in referenced(set) {
