@@ -541,17 +541,34 @@ impl<M: MapOps> SyncEngine<M> {
         for k in st.orphans {
             self.op(Op::DelService(k))?;
         }
-        let unused: Vec<u32> =
-            self.sets.iter().filter(|(_, s)| s.users.is_empty() && s.claim.is_none()).map(|(id, _)| *id).collect();
-        for id in unused {
-            if let Some(set) = self.sets.get_mut(&id) {
-                // A table may be left without a frontend flagging it.
-                set.maglev.get_or_insert_with(Vec::new);
-            }
-            let mut report = SyncReport::default();
-            self.remove_set(id, &mut report)?;
+        let mut report = SyncReport::default();
+        self.remove_unused_sets(false, true, &mut report);
+        for (what, e) in report.failed {
+            // Retried at the end of the next full sync.
+            tracing::warn!(object = %what, error = %e, "removing a leftover backend set");
         }
         Ok(())
+    }
+
+    /// Removes the sets no frontend names (`claimed`: also those a Service
+    /// port claimed in this agent's life; `guessed_tables`: also a table the
+    /// mirror cannot rule out). Failures go to `report`.
+    fn remove_unused_sets(&mut self, claimed: bool, guessed_tables: bool, report: &mut SyncReport) {
+        let unused: Vec<u32> = self
+            .sets
+            .iter()
+            .filter(|(_, s)| s.users.is_empty() && (claimed || s.claim.is_none()))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unused {
+            if guessed_tables && let Some(set) = self.sets.get_mut(&id) {
+                // A table may be there without a frontend flagging it.
+                set.maglev.get_or_insert_with(Vec::new);
+            }
+            if let Err(e) = self.remove_set(id, report) {
+                report.failed.push((format!("backend set {id}"), e.to_string()));
+            }
+        }
     }
 
     /// Chooses backends by Maglev tables (`true`, the default) or at random.
@@ -614,18 +631,9 @@ impl<M: MapOps> SyncEngine<M> {
                 Ok(()) => {
                     // Sets the failed batches wrote for frontends they did
                     // not reach hold map space the retry may need.
-                    let unused: Vec<u32> =
-                        self.sets.iter().filter(|(_, s)| s.users.is_empty()).map(|(id, _)| *id).collect();
                     let mut report = SyncReport::default();
-                    for id in unused {
-                        if let Some(set) = self.sets.get_mut(&id) {
-                            // A table may be there without a frontend flagging it.
-                            set.maglev.get_or_insert_with(Vec::new);
-                        }
-                        if let Err(e) = self.remove_set(id, &mut report) {
-                            failed.push((format!("backend set {id}"), e.to_string()));
-                        }
-                    }
+                    self.remove_unused_sets(true, true, &mut report);
+                    failed.extend(report.failed);
                 }
                 Err(e) => {
                     // The mirror may say more than the maps hold: retried at
@@ -729,12 +737,7 @@ impl<M: MapOps> SyncEngine<M> {
         }
         // Sets no frontend names after a full sync (one whose removal failed
         // before, under a claim no Service port holds any more).
-        let unused: Vec<u32> = self.sets.iter().filter(|(_, s)| s.users.is_empty()).map(|(id, _)| *id).collect();
-        for id in unused {
-            if let Err(e) = self.remove_set(id, &mut report) {
-                report.failed.push((format!("backend set {id}"), e.to_string()));
-            }
-        }
+        self.remove_unused_sets(true, false, &mut report);
         // The earlier layout's per-frontend slots: no program reads them now.
         for k in std::mem::take(&mut self.legacy) {
             match self.op(Op::DelService(k)) {
