@@ -1054,31 +1054,33 @@ impl<M: MapOps> SyncEngine<M> {
             plan.items.push((*key, *fe, si));
         }
         for si in 0..plan.sets.len() {
-            let key = plan.sets[si].key.clone();
-            let id = match self.set_ids.get(&key) {
-                Some(id) if self.sets.contains_key(id) => Some(*id),
-                _ => {
-                    let users: BTreeSet<ServiceKey> =
-                        plan.items.iter().filter(|(_, _, i)| *i == si).map(|(k, _, _)| *k).collect();
-                    // After a restart: the set these frontends already share,
-                    // if no one else uses it.
-                    let adopt = users.iter().filter_map(|k| self.frontends.get(k)).map(|v| v.svc_id).find(|id| {
-                        self.sets.get(id).is_some_and(|s| s.claim.is_none() && s.users.iter().all(|k| users.contains(k)))
-                    });
-                    match adopt {
-                        Some(id) => Some(id),
-                        None => match self.svc_alloc.take(&mut self.maps) {
-                            Ok(id) => Some(id),
-                            Err(e) => {
-                                report.failed.push((owner.to_owned(), e.to_string()));
-                                None
-                            }
-                        },
-                    }
+            if let Some(id) = self.set_ids.get(&plan.sets[si].key).filter(|id| self.sets.contains_key(id)) {
+                // Claimed already (the common case): nothing to record.
+                plan.sets[si].id = *id;
+                continue;
+            }
+            let id = {
+                let users: BTreeSet<ServiceKey> =
+                    plan.items.iter().filter(|(_, _, i)| *i == si).map(|(k, _, _)| *k).collect();
+                // After a restart: the set these frontends already share,
+                // if no one else uses it.
+                let adopt = users.iter().filter_map(|k| self.frontends.get(k)).map(|v| v.svc_id).find(|id| {
+                    self.sets.get(id).is_some_and(|s| s.claim.is_none() && s.users.iter().all(|k| users.contains(k)))
+                });
+                match adopt {
+                    Some(id) => Some(id),
+                    None => match self.svc_alloc.take(&mut self.maps) {
+                        Ok(id) => Some(id),
+                        Err(e) => {
+                            report.failed.push((owner.to_owned(), e.to_string()));
+                            None
+                        }
+                    },
                 }
             };
             match id {
                 Some(id) => {
+                    let key = plan.sets[si].key.clone();
                     self.sets.entry(id).or_default().claim = Some(key.clone());
                     self.set_ids.insert(key, id);
                     plan.sets[si].id = id;
